@@ -1,0 +1,158 @@
+"""Where metrics go: `metrics.jsonl` (one row per step), a rich console, and W&B.
+
+W&B is a no-op object when `logger=none`, so the training loop never branches on it. Without
+an account, W&B runs offline by itself; if it cannot start at all, training goes on without it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+CONSOLE_KEYS = {  # metric -> short console label
+    "train/reward_mean": "reward",
+    "train/loss": "loss",
+    "train/grad_norm": "gnorm",
+    "train/entropy": "ent",
+    "train/response_len_mean": "len",
+    "eval/accuracy": "eval",
+    "perf/step_s": "s/step",
+}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a damaged line (cut off mid-write) ends the readable part."""
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+class MetricsFile:
+    """Append-only metrics.jsonl; on resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, keep_until_step: int):
+        kept = [r for r in read_metrics(path) if r.get("step", math.inf) <= keep_until_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._f = path.open("a")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def wandb_mode(requested: str) -> str:
+    """online or offline: the user's choice, else online only when an account is configured."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if requested != "auto":
+        return requested
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
+    return "online" if has_key else "offline"
+
+
+class NullRun:
+    """Stands in for a W&B run when tracking is off."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def start_wandb(cfg: DictConfig, run_dir: Path, name: str):
+    """A W&B run (resumed when the run folder has one), or `NullRun` when off or failing."""
+    lcfg = cfg.logger
+    if lcfg.name != "wandb":
+        return NullRun()
+    try:
+        import wandb
+
+        mode = wandb_mode(lcfg.mode)
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        if mode == "offline" and lcfg.mode == "auto" and not os.environ.get("WANDB_MODE"):
+            console.print("[yellow]W&B: no account configured, logging offline[/] (`wandb sync`)")
+        return wandb.init(
+            project=lcfg.project,
+            entity=lcfg.entity,
+            group=lcfg.group,
+            name=name,
+            tags=[cfg.method.name, cfg.model.name, *lcfg.tags],
+            config=OmegaConf.to_container(cfg, resolve=True),
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            settings=wandb.Settings(init_timeout=90, silent=True),
+        )
+    except Exception as e:  # W&B must never stop training
+        console.print(f"[yellow]W&B could not start ({type(e).__name__}: {e}); going on without it")
+        return NullRun()
+
+
+class Tracker:
+    """One `log(step, metrics)` call per step feeds the file, the console and W&B."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, *, start_step: int, total_steps: int):
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl", keep_until_step=start_step)
+        self.run = start_wandb(cfg, run_dir, name=cfg.run_name)
+        self.log_every = cfg.trainer.log_every
+        self.total = total_steps
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[summary]}"),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=start_step, summary=""
+        )
+        self.progress.start()
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **metrics}
+        self.metrics.write(row)
+        self.run.log(metrics, step=step)
+        summary = format_metrics(metrics)
+        self.progress.update(self.task, completed=step, summary=summary)
+        if step % self.log_every == 0 or step == self.total:
+            self.progress.console.print(f"step {step:>5}/{self.total}  {summary}", highlight=False)
+
+    def close(self) -> None:
+        self.progress.stop()
+        self.metrics.close()
+        self.run.finish()
+
+
+def format_metrics(metrics: dict) -> str:
+    """The compact console summary of a metrics row."""
+    parts = []
+    for key, label in CONSOLE_KEYS.items():
+        if key in metrics:
+            parts.append(f"{label} {metrics[key]:.3g}")
+    return "  ".join(parts)

@@ -1,0 +1,264 @@
+"""The training loop of `opo train`: rollout -> rewards -> loss -> optimizer, step after step.
+
+Each step samples P prompts and G completions each, scores them, then optimises the
+method's loss over that rollout for `trainer.epochs` passes of `trainer.mini_batches`
+optimizer updates, with pi_old (the sampling policy) frozen for the whole step.
+Run it with `opo train [overrides]`; `train(cfg, run_dir)` is the plain function under it.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from opo_cli.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint, set_rng_state
+from opo_cli.config import TrainSettings, validate_train
+from opo_cli.data import Problem, PromptSampler, load_problems
+from opo_cli.logprobs import completion_logps
+from opo_cli.losses import LossInputs, get_loss
+from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
+from opo_cli.rewards import get_reward
+from opo_cli.rollout import Rollout, generate_rollout
+from opo_cli.tracking import Tracker, console
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    tok: object
+    ref: torch.nn.Module | None  # frozen reference, only when the method uses one
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def initial_model_path(cfg: DictConfig, problems: list[Problem]) -> str:
+    """The model a fresh run starts from: the configured one, or the cached tiny model."""
+    if cfg.model.name_or_path:
+        return str(cfg.model.name_or_path)
+    return str(tiny_model_dir(cfg.model, cfg.dataset, problems))
+
+
+def load_models(cfg: DictConfig, start: str, initial: str, device, dtype) -> Policy:
+    trust = bool(cfg.model.trust_remote_code)
+    model, tok = load_policy(start, device=device, dtype=dtype, trust_remote_code=trust)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref = None
+    if cfg.method.reference:
+        ref, _ = load_policy(initial, device=device, dtype=dtype, trust_remote_code=trust)
+        ref.eval().requires_grad_(False)
+    return Policy(model, tok, ref)
+
+
+@torch.no_grad()
+def rollout_logps(model, rollout: Rollout, micro: int, temperature: float, with_entropy: bool):
+    """Log-probs (and entropies) of every completion token, micro-batch by micro-batch."""
+    logps, ents = [], []
+    for rows in torch.arange(len(rollout)).split(micro):
+        lp, ent = completion_logps(
+            model,
+            rollout.input_ids[rows],
+            rollout.attention_mask[rows],
+            rollout.completion_len,
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
+        logps.append(lp)
+        ents.append(ent)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)  # (N, Lc), (N, Lc)
+
+
+def backward_minibatch(model, mb: Rollout, old, ref, loss_fn, loss_kwargs, micro, temperature):
+    """Loss of a whole mini-batch and its gradient, accumulated over micro-batches.
+
+    The loss sees every row of the mini-batch at once (group statistics need whole groups).
+    With several micro-batches, the gradient w.r.t. the log-probs is taken first, from a
+    no-grad forward, then pushed through each micro-batch's forward (gradient caching): the
+    result equals one big backward, whatever the loss.
+    """
+
+    def inputs(logps):
+        return LossInputs(logps, old, ref, mb.completion_mask, mb.rewards, mb.group_size)
+
+    if micro >= len(mb):
+        logps, _ = completion_logps(
+            model, mb.input_ids, mb.attention_mask, mb.completion_len, temperature=temperature
+        )
+        loss, stats = loss_fn(inputs(logps), **loss_kwargs)
+        loss.backward()
+        return loss.item(), stats
+    logps, _ = rollout_logps(model, mb, micro, temperature, with_entropy=False)
+    leaf = logps.requires_grad_()  # (n, Lc)
+    loss, stats = loss_fn(inputs(leaf), **loss_kwargs)
+    loss.backward()
+    for rows in torch.arange(len(mb)).split(micro):
+        lp, _ = completion_logps(
+            model,
+            mb.input_ids[rows],
+            mb.attention_mask[rows],
+            mb.completion_len,
+            temperature=temperature,
+        )
+        lp.backward(leaf.grad[rows])
+    return loss.item(), stats
+
+
+def optimise(policy: Policy, opt, sched, rollout: Rollout, s: TrainSettings, cfg, step: int):
+    """The step's optimisation passes over one rollout; returns the mean of per-update stats."""
+    t, model = s.trainer, policy.model
+    micro = t.micro_batch_size or len(rollout)
+    temp = s.rollout.temperature
+    old, entropy = rollout_logps(model, rollout, micro, temp, with_entropy=True)
+    ref = rollout_logps(policy.ref, rollout, micro, temp, False)[0] if policy.ref else None
+    loss_fn = get_loss(s.loss)
+    loss_kwargs = OmegaConf.to_container(cfg.method.loss_kwargs, resolve=True)
+    G = rollout.group_size
+    order = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+    updates, skipped = [], 0
+    model.train()
+    for _ in range(t.epochs):
+        for groups in torch.randperm(len(rollout) // G, generator=order).tensor_split(
+            t.mini_batches
+        ):
+            rows = (groups[:, None] * G + torch.arange(G)).flatten()  # (n,) whole groups
+            opt.zero_grad(set_to_none=True)
+            mb_ref = ref[rows] if ref is not None else None
+            loss, stats = backward_minibatch(
+                model, rollout.rows(rows), old[rows], mb_ref, loss_fn, loss_kwargs, micro, temp
+            )
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).item()
+            if torch.isfinite(torch.tensor([loss, grad_norm])).all():
+                opt.step()
+                sched.step()
+            else:
+                skipped += 1
+            updates.append({"train/loss": loss, "train/grad_norm": grad_norm, **stats})
+    model.eval()
+    mask = rollout.completion_mask
+    stats = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+    stats["train/entropy"] = ((entropy * mask).sum() / mask.sum()).item()
+    stats["train/skipped_updates"] = skipped
+    stats["train/lr"] = sched.get_last_lr()[0]
+    return stats
+
+
+def rollout_metrics(rollout: Rollout) -> dict:
+    r = rollout.rewards
+    lengths = rollout.completion_mask.sum(-1)  # (N,)
+    return {
+        "train/reward_mean": r.mean().item(),
+        "train/reward_std": r.std().item(),
+        "train/response_len_mean": lengths.mean().item(),
+        "train/truncated_frac": rollout.truncated.float().mean().item(),
+    }
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train_step(policy, opt, sched, sampler, problems, reward_fn, s: TrainSettings, cfg, step):
+    """One step: sample a rollout, score it, optimise on it; returns the step's metrics row."""
+    t0 = time.perf_counter()
+    batch = [problems[i] for i in sampler.next(s.rollout.prompts_per_step)]
+    r = s.rollout
+    rollout = generate_rollout(
+        policy.model,
+        policy.tok,
+        [p.prompt for p in batch],
+        group_size=r.group_size,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+    )
+    golds = [p.answer for p in batch for _ in range(r.group_size)]
+    rollout.rewards = torch.tensor(reward_fn(rollout.texts, golds), dtype=torch.float32).to(
+        rollout.input_ids.device
+    )
+    t1 = time.perf_counter()
+    stats = optimise(policy, opt, sched, rollout, s, cfg, step)
+    t2 = time.perf_counter()
+    device = rollout.input_ids.device
+    completion_tokens = rollout.completion_mask.sum().item()
+    train_tokens = rollout.attention_mask.sum().item() * s.trainer.epochs
+    return {
+        **rollout_metrics(rollout),
+        **stats,
+        "perf/step_s": t2 - t0,
+        "perf/rollout_s": t1 - t0,
+        "perf/train_s": t2 - t1,
+        "perf/rollout_tok_per_s": completion_tokens / (t1 - t0),
+        "perf/train_tok_per_s": train_tokens / (t2 - t1),
+        "perf/peak_mem_gb": peak_memory_gb(device),
+    }
+
+
+def make_optimizer(model, s: TrainSettings):
+    t = s.trainer
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    warmup = t.warmup_updates
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: min(1.0, (n + 1) / (warmup + 1)))
+    return opt, sched
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run (or resume) one training run in `run_dir`; returns the last metrics row."""
+    s = validate_train(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(s.trainer.device)
+    dtype = pick_dtype(s.trainer.dtype, device)
+    problems, _ = load_problems(cfg.dataset)
+    initial = initial_model_path(cfg, problems)
+    checkpoints = list_checkpoints(run_dir) if s.trainer.resume == "auto" else []
+    start = str(checkpoints[0]) if checkpoints else initial
+    policy = load_models(cfg, start, initial, device, dtype)
+    opt, sched = make_optimizer(policy.model, s)
+    sampler = PromptSampler(len(problems), s.seed)
+    seed_everything(s.seed)
+    start_step = 0
+    if checkpoints:
+        state, optim_state = load_trainer_state(checkpoints[0])
+        opt.load_state_dict(optim_state["optimizer"])
+        sched.load_state_dict(optim_state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        console.print(f"resuming from {checkpoints[0]} (step {start_step})")
+    reward_fn = get_reward(cfg.dataset.reward)
+    tracker = Tracker(cfg, run_dir, start_step=start_step, total_steps=s.trainer.steps)
+    row = {}
+    try:
+        for step in range(start_step + 1, s.trainer.steps + 1):
+            row = train_step(policy, opt, sched, sampler, problems, reward_fn, s, cfg, step)
+            tracker.log(step, row)
+            if step == s.trainer.steps or (
+                s.trainer.save_every and step % s.trainer.save_every == 0
+            ):
+                save_checkpoint(
+                    run_dir,
+                    step,
+                    model=policy.model,
+                    tok=policy.tok,
+                    optimizer=opt,
+                    scheduler=sched,
+                    trainer_state={"sampler": sampler.state_dict()},
+                    keep_last=s.trainer.keep_last,
+                )
+    finally:
+        tracker.close()
+    policy.model.save_pretrained(run_dir / "final", safe_serialization=True)
+    policy.tok.save_pretrained(run_dir / "final")
+    console.print(f"done: {run_dir / 'final'}")
+    return row
