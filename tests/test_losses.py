@@ -1,0 +1,631 @@
+"""Loss functions against hand-derived values and gradients, plus invariances.
+
+Expected numbers are computed here from the formulas in DESIGN.md §1-2 with plain Python
+(`math`, loops), never copied from a run. Everything is float64. Run:
+    pytest tests/test_losses.py -q
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opo_cli.losses import LOSSES, LossInputs, get_loss
+
+F64 = torch.float64
+
+# Two groups of three, three token slots. Row i's log-ratio `logp − old` is LR[i]; padded
+# slots (mask 0) hold values the losses must ignore (e.g. 9.0 in row 2).
+OLD = [
+    [-1.0, -0.5, -2.0],
+    [-0.7, -1.2, -0.3],
+    [-1.5, -0.9, -0.4],
+    [-0.2, -0.8, -1.1],
+    [-0.6, -1.3, -0.9],
+    [-1.0, -0.4, -0.7],
+]
+LR = [
+    [0.1, -0.3, 0.5],
+    [0.3, -0.1, 0.0],
+    [-0.4, 0.05, 9.0],
+    [0.2, 0.2, 0.2],
+    [0.25, 0.1, -0.2],
+    [0.0, -0.1, 0.3],
+]
+MASK = [
+    [1, 1, 0],
+    [1, 1, 1],
+    [1, 1, 0],
+    [1, 0, 0],
+    [1, 1, 1],
+    [1, 1, 1],
+]
+REWARDS = [1.0, 0.0, 0.0, 0.5, 1.0, 0.0]
+REF_SHIFT = [  # ref − old
+    [0.2, -0.1, 0.0],
+    [0.0, 0.3, -0.2],
+    [0.1, 0.1, 0.1],
+    [-0.3, 0.0, 0.0],
+    [0.05, -0.05, 0.2],
+    [0.4, 0.0, -0.1],
+]
+
+
+def t(values):
+    return torch.tensor(values, dtype=F64)
+
+
+def make(
+    lr=LR, mask=MASK, rewards=REWARDS, group_size=3, ref_shift=REF_SHIFT, old=OLD
+) -> LossInputs:
+    """logps = old + lr as a leaf (so .grad is d loss / d logps); ref = old + ref_shift."""
+    old_t = t(old) if old is not None else torch.zeros(len(lr), len(lr[0]), dtype=F64)
+    logps = (old_t + t(lr)).requires_grad_(True)
+    ref = None if ref_shift is None else old_t + t(ref_shift)
+    return LossInputs(logps, old_t, ref, t(mask), t(rewards), group_size)
+
+
+NO_REF = {"old": None, "ref_shift": None}  # small hand cases: old = 0, no reference
+
+
+def run(name, x, **kwargs):
+    loss, stats = LOSSES[name](x, **kwargs)
+    loss.backward()
+    return loss.detach(), x.logps.grad, stats
+
+
+# ---------------------------------------------------------------- hand references
+
+
+def hand_group_norm(rewards, G, eps=1e-4):
+    out = []
+    for k in range(0, len(rewards), G):
+        grp = rewards[k : k + G]
+        mean = sum(grp) / G
+        std = math.sqrt(sum((r - mean) ** 2 for r in grp) / (G - 1))  # Bessel
+        out += [(r - mean) / (std + eps) for r in grp]
+    return out
+
+
+def hand_escort_drive(rewards, G, alpha):
+    g = []
+    for k in range(0, len(rewards), G):
+        grp = rewards[k : k + G]
+        mean = sum(grp) / G
+        w = [math.exp((1 - alpha) * (r - mean)) for r in grp]
+        g += [wi - sum(w) / G for wi in w]
+    return g
+
+
+def hand_delta(lr, mask):
+    return [
+        sum(a * m for a, m in zip(r, mr, strict=True)) / sum(mr)
+        for r, mr in zip(lr, mask, strict=True)
+    ]
+
+
+def hand_clipped_token(lr, mask, adv, *, lo, hi, beta=0.0, kl_d=None, agg):
+    """GRPO/DAPO by hand: loss, d loss / d logp, clip fractions, mean k3.
+
+    kl_d[i][t] = ref − logp. d(−ρA)/dlogp = −ρA unless the clip binds (then 0);
+    d k3 / d logp = 1 − exp(ref − logp).
+    """
+    N, T = len(lr), len(lr[0])
+    n_tok = sum(sum(r) for r in mask)
+    loss, grad = 0.0, [[0.0] * T for _ in range(N)]
+    n_low = n_high = 0
+    k3_sum = 0.0
+    for i in range(N):
+        L, A = sum(mask[i]), adv[i]
+        weight = 1.0 / (N * L) if agg == "seq_mean_token_mean" else 1.0 / n_tok
+        for j in range(T):
+            if not mask[i][j]:
+                continue
+            rho = math.exp(lr[i][j])
+            low, high = A < 0 and rho < 1 - lo, A > 0 and rho > 1 + hi
+            n_low, n_high = n_low + low, n_high + high
+            clipped = min(max(rho, 1 - lo), 1 + hi)
+            term = -(clipped * A if (low or high) else rho * A)
+            dterm = 0.0 if (low or high) else -rho * A
+            if kl_d is not None:
+                d = kl_d[i][j]
+                k3_sum += math.exp(d) - d - 1
+                term += beta * (math.exp(d) - d - 1)
+                dterm += beta * (1 - math.exp(d))
+            loss += weight * term
+            grad[i][j] = weight * dterm
+    return loss, grad, n_low / n_tok, n_high / n_tok, k3_sum / n_tok
+
+
+def kl_d_of(lr, ref_shift):
+    return [
+        [s - a for a, s in zip(r, rs, strict=True)] for r, rs in zip(lr, ref_shift, strict=True)
+    ]
+
+
+# ---------------------------------------------------------------- GRPO / DAPO
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean"])
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_grpo_value_grad_and_clip_stats_by_hand(agg, beta):
+    adv = hand_group_norm(REWARDS, 3)
+    kl_d = kl_d_of(LR, REF_SHIFT)
+    exp_loss, exp_grad, low, high, k3 = hand_clipped_token(
+        LR, MASK, adv, lo=0.2, hi=0.2, beta=beta, kl_d=kl_d, agg=agg
+    )
+    assert low == high == 1 / 14  # the fixture has one binding token on each side
+    loss, grad, stats = run("grpo", make(), beta=beta, agg=agg)
+    torch.testing.assert_close(loss, t(exp_loss))
+    torch.testing.assert_close(grad, t(exp_grad))
+    assert stats["train/clip_frac_low"] == pytest.approx(low)
+    assert stats["train/clip_frac_high"] == pytest.approx(high)
+    assert stats["train/kl_ref"] == pytest.approx(k3)
+    assert stats["train/frac_uniform_groups"] == 0.0
+
+
+def test_dapo_defaults_are_clip_higher_and_token_mean():
+    adv = hand_group_norm(REWARDS, 3)
+    exp_loss, exp_grad, low, high, _ = hand_clipped_token(
+        LR, MASK, adv, lo=0.2, hi=0.28, agg="token_mean"
+    )
+    loss, grad, stats = run("dapo", make(ref_shift=None))
+    torch.testing.assert_close(loss, t(exp_loss))
+    torch.testing.assert_close(grad, t(exp_grad))
+    assert stats["train/clip_frac_low"] == pytest.approx(low)
+    assert stats["train/clip_frac_high"] == pytest.approx(high)
+    assert "train/kl_ref" not in stats  # no reference given
+
+
+def test_grpo_kl_term_alone_when_groups_are_uniform():
+    # uniform rewards -> A = 0, so the loss is beta * seq-mean-token-mean of k3
+    beta = 0.5
+    kl_d = kl_d_of(LR, REF_SHIFT)
+    loss, grad, _ = run("grpo", make(rewards=[2.0] * 6), beta=beta)
+    exp_loss, exp_grad = 0.0, [[0.0] * 3 for _ in range(6)]
+    for i in range(6):
+        L = sum(MASK[i])
+        for j in range(3):
+            if MASK[i][j]:
+                d = kl_d[i][j]
+                exp_loss += beta * (math.exp(d) - d - 1) / (6 * L)
+                exp_grad[i][j] = beta * (1 - math.exp(d)) / (6 * L)
+    torch.testing.assert_close(loss, t(exp_loss))
+    torch.testing.assert_close(grad, t(exp_grad))
+
+
+def test_grpo_kl_is_zero_at_the_reference():
+    loss, grad, stats = run("grpo", make(rewards=[2.0] * 6, ref_shift=LR), beta=0.3)
+    assert loss.item() == 0.0
+    torch.testing.assert_close(grad, torch.zeros(6, 3, dtype=F64))
+    assert stats["train/kl_ref"] == 0.0
+
+
+def test_grpo_uniform_groups_give_zero_advantage():
+    loss, grad, stats = run("grpo", make(rewards=[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]))
+    assert loss.item() == 0.0
+    torch.testing.assert_close(grad, torch.zeros(6, 3, dtype=F64))
+    assert stats["train/frac_uniform_groups"] == 1.0
+
+
+def test_grpo_beta_without_reference_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs ref_logps"):
+        LOSSES["grpo"](make(ref_shift=None), beta=0.1)
+
+
+def test_grpo_unknown_aggregation_lists_valid_ones():
+    with pytest.raises(ValueError, match="seq_mean_token_mean, token_mean"):
+        LOSSES["grpo"](make(), agg="sum")
+
+
+# ---------------------------------------------------------------- GSPO
+
+
+def test_gspo_value_grad_and_clip_stats_by_hand():
+    lo = hi = 0.05
+    adv, delta = hand_group_norm(REWARDS, 3), hand_delta(LR, MASK)
+    N = 6
+    exp_loss, exp_grad, n_low, n_high = 0.0, [[0.0] * 3 for _ in range(N)], 0, 0
+    for i in range(N):
+        s, A, L = math.exp(delta[i]), adv[i], sum(MASK[i])
+        low, high = A < 0 and s < 1 - lo, A > 0 and s > 1 + hi
+        n_low, n_high = n_low + low, n_high + high
+        clipped = min(max(s, 1 - lo), 1 + hi)
+        exp_loss += -(clipped * A if (low or high) else s * A) / N
+        for j in range(3):
+            if MASK[i][j] and not (low or high):
+                exp_grad[i][j] = -A * s / L / N
+    assert (n_low, n_high) == (1, 1)  # rows 2 and 4 bind
+    loss, grad, stats = run("gspo", make(), clip_low=lo, clip_high=hi)
+    torch.testing.assert_close(loss, t(exp_loss))
+    torch.testing.assert_close(grad, t(exp_grad))
+    assert stats["train/clip_frac_low"] == pytest.approx(1 / 6)
+    assert stats["train/clip_frac_high"] == pytest.approx(1 / 6)
+
+
+def test_gspo_zero_gradient_where_the_clip_binds():
+    # default clip (3e-4, 4e-4); sequence log-ratios ±0.01 are far outside it.
+    # row 0: A>0, s>1+hi -> binds; row 1: A<0, s<1-lo -> binds; rows 2, 3 do not.
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    lr = [[0.01, 0.01], [-0.01, -0.01], [0.01, 0.01], [-0.01, -0.01]]
+    x = make(lr=lr, mask=[[1, 1]] * 4, rewards=[1.0, 0.0, 0.0, 1.0], group_size=2, **NO_REF)
+    loss, grad, stats = run("gspo", x)
+    e_up, e_dn = math.exp(0.01), math.exp(-0.01)
+    exp_loss = (-(1 + 4e-4) * a + (1 - 3e-4) * a + e_up * a - e_dn * a) / 4
+    exp_grad = [[0.0, 0.0], [0.0, 0.0], [a * e_up / 8] * 2, [-a * e_dn / 8] * 2]
+    torch.testing.assert_close(loss, t(exp_loss))
+    torch.testing.assert_close(grad, t(exp_grad))
+    assert stats["train/clip_frac_low"] == 0.25
+    assert stats["train/clip_frac_high"] == 0.25
+
+
+# ---------------------------------------------------------------- DPO
+
+
+def test_dpo_closed_form_margins():
+    # T = 1, ref = old = 0; in each group of two row 0 wins. S_c − S_r = 0, 2, 4 and
+    # beta = 0.5 give beta * margin = 0, 1, 2, so each pair's loss is log(1 + e^-m).
+    lr = [[0.0], [0.0], [1.0], [-1.0], [3.0], [-1.0]]
+    x = make(
+        lr=lr, mask=[[1]] * 6, rewards=[1.0, 0.0] * 3, group_size=2, old=None, ref_shift=[[0.0]] * 6
+    )
+    loss, grad, stats = run("dpo", x, beta=0.5)
+    m = t([0.0, 1.0, 2.0])
+    torch.testing.assert_close(loss, F.softplus(-m).mean())
+    # d/dm log(1 + e^-m) = −σ(−m); chosen rows get −σ(−m)·β/K, rejected rows the opposite
+    d = [-0.5 / (1 + math.exp(mi)) / 3 for mi in (0.0, 1.0, 2.0)]
+    torch.testing.assert_close(grad, t([[d[0]], [-d[0]], [d[1]], [-d[1]], [d[2]], [-d[2]]]))
+    assert stats["dpo/pairs"] == 3.0
+    assert stats["dpo/margin_mean"] == pytest.approx(1.0)
+    assert stats["dpo/pref_acc"] == pytest.approx(2 / 3)  # margin 0 is not positive
+    assert stats["dpo/reward_margin"] == 1.0
+
+
+def test_dpo_value_and_grad_by_hand_with_padding_and_ties():
+    # group 0 rewards (1, 0, 0): chosen row 0, rejected row 1 (first argmin of the tie);
+    # group 1 rewards (0.5, 1, 0): chosen row 4, rejected row 5.
+    beta = 0.2
+    sr = [
+        sum(m * (a - s) for a, s, m in zip(*rows, strict=True))
+        for rows in zip(LR, REF_SHIFT, MASK, strict=True)
+    ]
+    pairs = [(0, 1), (4, 5)]
+    margins = [beta * (sr[c] - sr[r]) for c, r in pairs]
+    exp_loss = sum(math.log1p(math.exp(-m)) for m in margins) / 2
+    exp_grad = [[0.0] * 3 for _ in range(6)]
+    for (c, r), m in zip(pairs, margins, strict=True):
+        for j in range(3):
+            exp_grad[c][j] = -beta / (1 + math.exp(m)) / 2 * MASK[c][j]
+            exp_grad[r][j] = beta / (1 + math.exp(m)) / 2 * MASK[r][j]
+    loss, grad, stats = run("dpo", make(), beta=beta)
+    torch.testing.assert_close(loss, t(exp_loss))
+    torch.testing.assert_close(grad, t(exp_grad))
+    assert stats["dpo/pairs"] == 2.0
+    assert stats["dpo/margin_mean"] == pytest.approx(sum(margins) / 2)
+    assert stats["dpo/pref_acc"] == pytest.approx(sum(m > 0 for m in margins) / 2)
+
+
+def test_dpo_without_any_pair_is_a_connected_zero():
+    x = make(rewards=[1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    loss, stats = LOSSES["dpo"](x)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    torch.testing.assert_close(x.logps.grad, torch.zeros(6, 3, dtype=F64))
+    assert stats["dpo/pairs"] == 0.0
+    assert stats["train/frac_uniform_groups"] == 1.0
+
+
+def test_dpo_without_reference_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs ref_logps"):
+        LOSSES["dpo"](make(ref_shift=None))
+
+
+# ---------------------------------------------------------------- OPO (paper form)
+
+
+@pytest.mark.parametrize("ratio", ["log", "exact"])
+def test_opo_value_and_grad_by_hand(ratio):
+    alpha, mu, N = 0.4, 1.5, 6
+    g, delta = hand_escort_drive(REWARDS, 3, alpha), hand_delta(LR, MASK)
+    v = delta if ratio == "log" else [math.expm1(d) for d in delta]
+    dv = [1.0] * N if ratio == "log" else [math.exp(d) for d in delta]  # dv/dΔ
+    exp_loss = sum(-gi * vi + 0.5 * mu * vi**2 for gi, vi in zip(g, v, strict=True)) / N
+    exp_grad = [
+        [(-g[i] + mu * v[i]) * dv[i] * MASK[i][j] / sum(MASK[i]) / N for j in range(3)]
+        for i in range(N)
+    ]
+    loss, grad, stats = run("opo", make(), alpha=alpha, mu=mu, ratio=ratio)
+    torch.testing.assert_close(loss, t(exp_loss))
+    torch.testing.assert_close(grad, t(exp_grad))
+    assert stats["opo/v_star_dist"] == pytest.approx(
+        sum(abs(vi - gi / mu) for vi, gi in zip(v, g, strict=True)) / N
+    )
+    assert stats["opo/v_star_mean"] == pytest.approx(sum(abs(gi) / mu for gi in g) / N)
+    assert stats["opo/g_abs_max"] == pytest.approx(max(abs(gi) for gi in g))
+    assert stats["opo/v_sq_mean"] == pytest.approx(sum(vi**2 for vi in v) / N)
+    assert stats["opo/delta_cubed_mean"] == pytest.approx(sum(abs(d) ** 3 for d in delta) / N)
+
+
+def test_opo_at_delta_zero_is_a_centred_weighted_policy_gradient():
+    alpha, N = 0.3, 6
+    g = hand_escort_drive(REWARDS, 3, alpha)
+    zeros = [[0.0] * 3 for _ in range(N)]
+    _, grad, _ = run("opo", make(lr=zeros), alpha=alpha, mu=5.0)
+    exp = [[-g[i] * MASK[i][j] / sum(MASK[i]) / N for j in range(3)] for i in range(N)]
+    torch.testing.assert_close(grad, t(exp))  # μ has no gradient at Δ = 0
+
+
+def test_opo_gradient_in_v_is_minus_g_plus_mu_v():
+    # one token per row, so v = Δ = logp − old and d loss / d logps = (−g + μv) / N
+    alpha, mu, N = 0.2, 0.7, 6
+    v = [0.3, -0.2, 0.1, 0.0, 0.5, -0.4]
+    g = hand_escort_drive(REWARDS, 3, alpha)
+    x = make(lr=[[vi] for vi in v], mask=[[1]] * N, ref_shift=None, old=None)
+    _, grad, _ = run("opo", x, alpha=alpha, mu=mu)
+    torch.testing.assert_close(
+        grad, t([[(-gi + mu * vi) / N] for gi, vi in zip(g, v, strict=True)])
+    )
+
+
+def test_opo_closed_form_optimum_is_g_over_mu():
+    # The loss is quadratic in v with Hessian (μ/N)·I, so one exact Newton step from v = 0
+    # lands on v* = g/μ, where the gradient vanishes.
+    alpha, mu, N = 0.5, 2.0, 6
+    g = hand_escort_drive(REWARDS, 3, alpha)
+    kwargs = {"alpha": alpha, "mu": mu}
+
+    def loss_of(v):
+        x = LossInputs(v, torch.zeros_like(v), None, torch.ones_like(v), t(REWARDS), 3)
+        return LOSSES["opo"](x, **kwargs)[0]
+
+    v0 = torch.zeros(N, 1, dtype=F64)
+    hess = torch.autograd.functional.hessian(loss_of, v0).reshape(N, N)
+    torch.testing.assert_close(hess, mu / N * torch.eye(N, dtype=F64))
+    grad0 = torch.autograd.functional.jacobian(loss_of, v0).reshape(N)
+    v1 = v0.reshape(N) - torch.linalg.solve(hess, grad0)  # (N,) one Newton step
+    torch.testing.assert_close(v1, t([gi / mu for gi in g]))
+    x = make(lr=[[gi / mu] for gi in g], mask=[[1]] * N, ref_shift=None, old=None)
+    _, grad, stats = run("opo", x, **kwargs)
+    torch.testing.assert_close(grad, torch.zeros(N, 1, dtype=F64))
+    assert stats["opo/v_star_dist"] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_opo_alpha_one_means_uniform_weights_and_no_drive():
+    zeros = [[0.0] * 3 for _ in range(6)]
+    _, grad, stats = run("opo", make(lr=zeros), alpha=1.0, mu=1.0)
+    torch.testing.assert_close(grad, torch.zeros(6, 3, dtype=F64))
+    assert stats["opo/g_abs_max"] == 0.0
+
+
+def test_opo_uniform_groups_have_no_drive():
+    zeros = [[0.0] * 3 for _ in range(6)]
+    x = make(lr=zeros, rewards=[1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    _, grad, stats = run("opo", x, alpha=0.0, mu=1.0)
+    torch.testing.assert_close(grad, torch.zeros(6, 3, dtype=F64))
+    assert stats["train/frac_uniform_groups"] == 1.0
+
+
+def test_opo_positivity_flag():
+    # group (1, 0), alpha = 0: g = ±sinh(0.5) ≈ 0.52
+    x = make(lr=[[0.0]] * 2, mask=[[1]] * 2, rewards=[1.0, 0.0], group_size=2, **NO_REF)
+    assert LOSSES["opo"](x, alpha=0.0, mu=0.6)[1]["opo/positivity_ok"] == 1.0
+    assert LOSSES["opo"](x, alpha=0.0, mu=0.5)[1]["opo/positivity_ok"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["opo", "opo_code"])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": 0.5, "mu": 1.0, "ratio": "linear"}, "ratio must be one of log, exact"),
+        ({"alpha": 1.5, "mu": 1.0}, r"alpha must be in \[0, 1\]"),
+        ({"alpha": -0.1, "mu": 1.0}, r"alpha must be in \[0, 1\]"),
+        ({"alpha": 0.5, "mu": 0.0}, "mu must be > 0"),
+    ],
+)
+def test_opo_bad_hyperparameters_are_clear_errors(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LOSSES[name](make(), **kwargs)
+
+
+# ---------------------------------------------------------------- OPO (author's code form)
+
+
+def hand_opo_code(lr, mask, rewards, G, *, alpha, mu, beta_q, tau, adaptive):
+    N, T = len(lr), len(lr[0])
+    P = N // G
+    delta = hand_delta(lr, mask)
+    a = 1 - alpha
+    drive = []
+    for k in range(0, N, G):
+        r, dl = rewards[k : k + G], delta[k : k + G]
+        A = [ri - sum(r) / G for ri in r]
+        q = [math.exp(ai / beta_q) for ai in A]
+        q = [qi / sum(q) for qi in q]
+        if adaptive:
+            mean = sum(dl) / G
+            temp = tau * max(math.sqrt(sum((d - mean) ** 2 for d in dl) / (G - 1)), 1e-6)
+        else:
+            temp = tau
+        p = [math.exp(d / temp) for d in dl]
+        p = [pi / sum(p) for pi in p]
+        w = [qi**a * pi ** (1 - a) for qi, pi in zip(q, p, strict=True)]
+        w = [wi / sum(w) for wi in w]
+        drive += [(wi - sum(w) / G) / max(a, 1e-3) for wi in w]
+    loss = sum(-d * v + 0.5 * mu * v**2 for d, v in zip(drive, delta, strict=True)) / P
+    grad = [
+        [(-drive[i] + mu * delta[i]) * mask[i][j] / sum(mask[i]) / P for j in range(T)]
+        for i in range(N)
+    ]
+    return loss, grad
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"alpha": 0.4, "mu": 1.5, "beta_q": 0.5, "tau": 0.2, "adaptive_tau": False},
+        {"alpha": 0.4, "mu": 1.5, "beta_q": 2.0, "tau": 2.0, "adaptive_tau": True},
+        {"alpha": 0.0, "mu": 1.0, "beta_q": 1.0, "tau": 1.0, "adaptive_tau": False},
+    ],
+)
+def test_opo_code_value_and_grad_by_hand(kwargs):
+    exp_loss, exp_grad = hand_opo_code(
+        LR,
+        MASK,
+        REWARDS,
+        3,
+        alpha=kwargs["alpha"],
+        mu=kwargs["mu"],
+        beta_q=kwargs["beta_q"],
+        tau=kwargs["tau"],
+        adaptive=kwargs["adaptive_tau"],
+    )
+    loss, grad, stats = run("opo_code", make(), **kwargs)
+    torch.testing.assert_close(loss, t(exp_loss))
+    torch.testing.assert_close(grad, t(exp_grad))
+    assert 0.0 < stats["opo/p_entropy_norm"] <= 1.0
+
+
+def test_opo_code_alpha_zero_drive_is_target_minus_uniform():
+    # a = 1: w = q, drive = q − 1/G. Group of two with rewards (1, 0): A = ±1/2,
+    # q = (σ(1/β), σ(−1/β)), so drive = ±(σ(1/β) − 1/2). At Δ = 0: grad = −drive·m/|y|/P.
+    beta_q = 0.5
+    d = 1 / (1 + math.exp(-1 / beta_q)) - 0.5
+    x = make(lr=[[0.0, 0.0]] * 2, mask=[[1, 1]] * 2, rewards=[1.0, 0.0], group_size=2, **NO_REF)
+    _, grad, stats = run("opo_code", x, alpha=0.0, mu=1.0, beta_q=beta_q)
+    torch.testing.assert_close(grad, t([[-d / 2] * 2, [d / 2] * 2]))
+    assert stats["opo/drive_abs_max"] == pytest.approx(d)
+    assert stats["opo/p_entropy_norm"] == pytest.approx(1.0)  # Δ = 0 -> uniform p
+
+
+def test_opo_code_alpha_one_is_guarded():
+    loss, grad, _ = run("opo_code", make(), alpha=1.0, mu=1.0)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+# ---------------------------------------------------------------- every loss: invariances
+
+CASES = [
+    ("opo", {"alpha": 0.5, "mu": 1.0}),
+    ("opo", {"alpha": 0.3, "mu": 2.0, "ratio": "exact"}),
+    ("opo_code", {"alpha": 0.4, "mu": 1.0}),
+    ("opo_code", {"alpha": 0.4, "mu": 1.0, "adaptive_tau": True}),
+    ("grpo", {"beta": 0.05}),
+    ("grpo", {"agg": "token_mean"}),
+    ("dapo", {}),
+    ("gspo", {"clip_low": 0.2, "clip_high": 0.2}),
+    ("dpo", {"beta": 0.1}),
+]
+CASE_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CASES)]
+DISTINCT_REWARDS = [0.3, 1.0, 0.0, 2.0, 0.5, 1.5]  # unique argmax / argmin per group
+
+
+def random_inputs(seed: int, *, pad: int = 0) -> LossInputs:
+    """Two groups of three, T = 4, variable lengths; `pad` extra columns of garbage."""
+    gen = torch.Generator().manual_seed(seed)
+    N, T = 6, 4
+    old = -2.0 * torch.rand(N, T, generator=gen, dtype=F64)
+    logps = old + 0.3 * torch.randn(N, T, generator=gen, dtype=F64)
+    ref = old + 0.2 * torch.randn(N, T, generator=gen, dtype=F64)
+    mask = (torch.arange(T) < torch.tensor([4, 2, 3, 1, 4, 3]).unsqueeze(-1)).to(F64)
+    if pad:
+        junk = 50.0 * torch.randn(N, pad, generator=gen, dtype=F64)
+        junk[0, 0] = -math.inf  # a -inf log-prob on padding must not leak in
+        logps, old = torch.cat([logps, junk], -1), torch.cat([old, junk.flip(0)], -1)
+        ref = torch.cat([ref, 3.0 * junk.abs().clamp(max=1e3)], -1)
+        mask = torch.cat([mask, torch.zeros(N, pad, dtype=F64)], -1)
+    return LossInputs(logps.requires_grad_(True), old, ref, mask, t(DISTINCT_REWARDS), 3)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_padding_changes_nothing(name, kwargs):
+    loss, grad, stats = run(name, random_inputs(0), **kwargs)
+    loss_p, grad_p, stats_p = run(name, random_inputs(0, pad=2), **kwargs)
+    assert grad.abs().sum() > 0  # the check is not vacuous
+    torch.testing.assert_close(loss_p, loss)
+    torch.testing.assert_close(grad_p[:, :4], grad)
+    assert torch.equal(grad_p[:, 4:], torch.zeros(6, 2, dtype=F64))
+    assert stats_p == pytest.approx(stats)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_permutation_within_a_group_permutes_gradients(name, kwargs):
+    perm = torch.tensor([2, 0, 1, 4, 5, 3])  # rows stay inside their group
+    x = random_inputs(1)
+    loss, grad, stats = run(name, x, **kwargs)
+    y = LossInputs(
+        x.logps.detach()[perm].requires_grad_(True),
+        x.old_logps[perm],
+        x.ref_logps[perm],
+        x.mask[perm],
+        x.rewards[perm],
+        3,
+    )
+    loss_p, grad_p, stats_p = run(name, y, **kwargs)
+    torch.testing.assert_close(loss_p, loss)
+    torch.testing.assert_close(grad_p, grad[perm])
+    assert stats_p == pytest.approx(stats)
+
+
+# ---------------------------------------------------------------- every loss: group of two
+
+
+def test_group_of_two_closed_forms_at_delta_zero():
+    # rewards (1, 0) and (0, 1), one token each, logps = old: every ratio is 1.
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)  # GRPO advantage: ±0.5 / (Bessel std + eps)
+    s = math.sinh((1 - 0.5) / 2)  # OPO drive at alpha = 0.5: ±sinh(0.25)
+    signs = [1.0, -1.0, -1.0, 1.0]
+
+    def make2():
+        ones = [[1]] * 4
+        rewards = [1.0, 0.0, 0.0, 1.0]
+        return make(
+            lr=[[0.0]] * 4,
+            mask=ones,
+            rewards=rewards,
+            group_size=2,
+            old=[[-1.0]] * 4,
+            ref_shift=[[0.1]] * 4,
+        )
+
+    for name in ("grpo", "dapo", "gspo"):  # −ρA at ρ = 1: grad −A/N
+        _, grad, _ = run(name, make2())
+        torch.testing.assert_close(grad, t([[-sg * a / 4] for sg in signs]))
+    _, grad, _ = run("opo", make2(), alpha=0.5, mu=1.0)
+    torch.testing.assert_close(grad, t([[-sg * s / 4] for sg in signs]))
+    _, _, stats = run("dpo", make2())
+    assert stats["dpo/pairs"] == 2.0
+
+
+# ---------------------------------------------------------------- registry and stats
+
+STAT_KEYS = {
+    "grpo": {"train/clip_frac_low", "train/clip_frac_high"},
+    "dapo": {"train/clip_frac_low", "train/clip_frac_high"},
+    "gspo": {"train/clip_frac_low", "train/clip_frac_high"},
+    "dpo": {"dpo/pairs", "dpo/reward_margin", "dpo/pref_acc", "dpo/margin_mean"},
+    "opo": {
+        "opo/v_sq_mean",
+        "opo/delta_cubed_mean",
+        "opo/g_abs_max",
+        "opo/v_star_dist",
+        "opo/v_star_mean",
+        "opo/positivity_ok",
+    },
+    "opo_code": {"opo/v_sq_mean", "opo/drive_abs_max", "opo/p_entropy_norm", "opo/tau_mean"},
+}
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_stats_are_named_floats(name, kwargs):
+    _, stats = LOSSES[name](random_inputs(2), **kwargs)
+    shared = {"train/frac_uniform_groups", "train/kl_ref"}
+    assert set(stats) == STAT_KEYS[name] | shared
+    assert all(type(value) is float for value in stats.values())
+
+
+def test_registry_names_and_miss():
+    assert set(LOSSES) == {"opo", "opo_code", "grpo", "dapo", "gspo", "dpo"}
+    assert get_loss("grpo") is LOSSES["grpo"]
+    with pytest.raises(KeyError, match="dapo, dpo, grpo, gspo, opo, opo_code"):
+        get_loss("ppo")
