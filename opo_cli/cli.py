@@ -6,16 +6,20 @@ opo train -m method=opo alpha=0.3,0.6,0.9 mu=0.5,1.0,2.0   # a sweep
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from opo_cli.config import CONF_DIR, group_options
+from opo_cli.config import CONF_DIR, group_options, validate_train
 from opo_cli.errors import UserError
+from opo_cli.overrides import check_overrides, folded_errors
+from opo_cli.stopping import Diverged, Interrupted
 
 GROUPS = ("method", "model", "dataset", "logger", "sweep", "experiment")
 _GROUP_OVERRIDE = re.compile(rf"^[+~]*({'|'.join(GROUPS)})=(.*)$")
@@ -31,6 +35,7 @@ examples:
   opo train                                        # the embedded default, offline
   opo train method=opo alpha=0.6 mu=1.0
   opo train -m method=opo alpha=0.3,0.6,0.9 mu=0.5,1.0,2.0
+  opo eval checkpoint=outputs/train/default dataset=math_l3 eval.limit=100
 """
 
 
@@ -41,10 +46,14 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def check_group_overrides(args: list[str]) -> None:
-    """Unknown config-group options end in one line that lists the valid ones."""
+    """Unknown config-group options end in one line that lists the valid ones.
+
+    A comma list (`method=opo,grpo`) is checked value by value; sweep functions such as
+    `glob(*)` are left to Hydra.
+    """
     for arg in args:
         m = _GROUP_OVERRIDE.match(arg)
-        if not m:
+        if not m or "(" in arg:
             continue
         group, values = m.groups()
         options = group_options(group)
@@ -61,10 +70,32 @@ def train_app(cfg: DictConfig) -> None:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
     except UserError as e:
         fail(str(e))
+    except Interrupted as e:
+        print(f"opo: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Diverged as e:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            fail(str(e), e.exit_code)
+        print(f"opo: error: {e}; the sweep goes on", file=sys.stderr)
 
 
-def run_hydra_app(app, name: str, args: list[str]) -> None:
+@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base=None)
+def eval_app(cfg: DictConfig) -> None:
+    from opo_cli.evaluate import evaluate
+
+    try:
+        evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except UserError as e:
+        fail(str(e))
+
+
+def run_hydra_app(app, name: str, args: list[str], validate=None) -> None:
+    """Check `args` (one line per mistake, before any run folder exists), then start `app`."""
     check_group_overrides(args)
+    try:
+        check_overrides(name, args, validate)
+    except UserError as e:
+        fail(str(e))
     sys.argv = [f"opo {name}", *args]
     app()
 
@@ -88,28 +119,44 @@ def run_report(args: list[str]) -> None:
     from opo_cli.report import report
 
     paths, overrides = split_paths(args)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("report", overrides=overrides)
-    if paths:
-        OmegaConf.update(cfg, "paths", paths)
     try:
+        with folded_errors(overrides), initialize_config_dir(str(CONF_DIR), version_base=None):
+            cfg = compose("report", overrides=overrides)
+        if paths:
+            OmegaConf.update(cfg, "paths", paths)
         report(cfg)
     except UserError as e:
         fail(str(e))
 
 
+def quiet_libraries() -> None:
+    """Our progress bar is the one on screen: no per-shard bars or load reports from HF."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main() -> None:
-    argv = sys.argv[1:]
+    quiet_libraries()
+    try:
+        dispatch(sys.argv[1:])
+    except KeyboardInterrupt:  # a second Ctrl-C during a step, or one before training starts
+        print("opo: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return
     command, args = argv[0], argv[1:]
     if command == "train":
-        run_hydra_app(train_app, "train", args)
+        run_hydra_app(train_app, "train", args, validate_train)
     elif command == "report":
         run_report(args)
     elif command == "eval":
-        fail(f"`opo {command}` is not available yet")
+        from opo_cli.evaluate import check_eval
+
+        run_hydra_app(eval_app, "eval", args, check_eval)
     else:
         fail(f"unknown command '{command}'; choose one of: train, eval, report")
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from opo_cli.errors import UserError
-from opo_cli.losses import LOSSES
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -26,7 +27,28 @@ def _dirname(override_dirname: str) -> str:
     return override_dirname or "default"
 
 
+def _sweep_group() -> str | None:
+    """W&B group of a multirun job: its sweep folder's name; None outside a multirun."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
+
+
+def _greater(a: float, b: float) -> bool:
+    """`${gt:a,b}`: a > b, e.g. a method needs its reference only when its KL weight is > 0."""
+    return a > b
+
+
+def _hparams(loss_kwargs: DictConfig) -> str:
+    """`-alpha0.3-mu0.5` from a method's numeric loss arguments, for run names."""
+    numeric = [(k, v) for k, v in loss_kwargs.items() if type(v) in (int, float)]  # no bools
+    return "".join(f"-{k}{v:g}" for k, v in numeric)
+
+
 OmegaConf.register_new_resolver("run_dir_name", _dirname, replace=True)
+OmegaConf.register_new_resolver("sweep_group", _sweep_group, replace=True)
+OmegaConf.register_new_resolver("hparams", _hparams, replace=True)
+OmegaConf.register_new_resolver("gt", _greater, replace=True)
 
 
 @dataclass(frozen=True)
@@ -45,6 +67,7 @@ class TrainerSettings:
     device: str
     dtype: str
     log_every: int
+    max_bad_steps: int  # stop after this many all-skipped steps in a row; 0: never
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,10 @@ class RolloutSettings:
     max_new_tokens: int
     temperature: float
     top_p: float
+    dynamic_sampling: bool  # the rest come from method.rollout: DAPO's data-side options
+    max_extra_rounds: int
+    overlong_buffer: int  # tokens: round(method.rollout.overlong_buffer_frac * max_new_tokens)
+    mask_truncated: bool
 
 
 @dataclass(frozen=True)
@@ -93,10 +120,43 @@ def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _bool(cfg: DictConfig, key: str) -> bool:
+    value = OmegaConf.select(cfg, key)
+    _require(isinstance(value, bool), key, value, "true or false")
+    return value
+
+
+def _overlong_buffer(cfg: DictConfig, max_new_tokens: int) -> int:
+    """DAPO's overlong buffer B in tokens, from its fraction of max_new_tokens (>= 1 when on)."""
+    frac = _float(cfg, "method.rollout.overlong_buffer_frac", 0.0, 1.0)
+    return max(1, round(frac * max_new_tokens)) if frac > 0 else 0
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Local files a run reads exist, so a typo fails before any model is built."""
+    data = OmegaConf.select(cfg, "dataset.path", default=None)
+    if data is not None:
+        exists = Path(str(data)).expanduser().exists()
+        _require(exists, "dataset.path", data, "an existing .jsonl/.parquet file or dataset folder")
+    model = OmegaConf.select(cfg, "model.name_or_path", default=None)
+    if model is not None and looks_local(str(model)):
+        folder = Path(str(model)).expanduser()
+        _require(
+            (folder / "config.json").is_file(),
+            "model.name_or_path",
+            model,
+            "a hub id (org/name) or a local model folder holding config.json",
+        )
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub id: starts with `.`, `/` or `~`, or exists on disk."""
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+
+
 def validate_train(cfg: DictConfig) -> TrainSettings:
     """Typed, checked settings of an `opo train` config, or a `ConfigError`."""
     inf = float("inf")
-    _require(cfg.method.loss in LOSSES, "method.loss", cfg.method.loss, ", ".join(sorted(LOSSES)))
     micro = OmegaConf.select(cfg, "trainer.micro_batch_size")
     trainer = TrainerSettings(
         steps=_int(cfg, "trainer.steps", 1),
@@ -113,6 +173,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         device=_choice(cfg, "trainer.device", ("auto", "cpu", "cuda")),
         dtype=_choice(cfg, "trainer.dtype", ("auto", "float32", "bfloat16")),
         log_every=_int(cfg, "trainer.log_every", 1),
+        max_bad_steps=_int(cfg, "trainer.max_bad_steps", 0),
     )
     rollout = RolloutSettings(
         prompts_per_step=_int(cfg, "rollout.prompts_per_step", 1),
@@ -120,6 +181,10 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         max_new_tokens=_int(cfg, "rollout.max_new_tokens", 1),
         temperature=_float(cfg, "rollout.temperature", 0.0, inf, open_low=True),
         top_p=_float(cfg, "rollout.top_p", 0.0, 1.0, open_low=True),
+        dynamic_sampling=_bool(cfg, "method.rollout.dynamic_sampling"),
+        max_extra_rounds=_int(cfg, "method.rollout.max_extra_rounds", 0),
+        overlong_buffer=_overlong_buffer(cfg, _int(cfg, "rollout.max_new_tokens", 1)),
+        mask_truncated=_bool(cfg, "method.rollout.mask_truncated"),
     )
     _require(
         trainer.mini_batches <= rollout.prompts_per_step,
@@ -127,13 +192,61 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         trainer.mini_batches,
         f"at most rollout.prompts_per_step ({rollout.prompts_per_step}): each holds whole groups",
     )
+    alpha, mu = _float(cfg, "alpha", 0.0, 1.0), _float(cfg, "mu", 0.0, inf, open_low=True)
+    seed = _int(cfg, "seed", 0)
+    check_paths(cfg)
+    from opo_cli.losses import LOSSES  # imports torch: after the cheap checks, so errors are quick
+
+    _require(cfg.method.loss in LOSSES, "method.loss", cfg.method.loss, ", ".join(sorted(LOSSES)))
     return TrainSettings(
-        alpha=_float(cfg, "alpha", 0.0, 1.0),
-        mu=_float(cfg, "mu", 0.0, inf, open_low=True),
-        seed=_int(cfg, "seed", 0),
+        alpha=alpha,
+        mu=mu,
+        seed=seed,
         loss=cfg.method.loss,
         trainer=trainer,
         rollout=rollout,
+    )
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    every: int  # training steps between evaluations, 0: off (opo train only)
+    limit: int | None  # the first K problems; None: all
+    n: int  # samples per problem; 1: greedy decoding
+    temperature: float  # sampling temperature when n > 1
+    top_p: float  # nucleus sampling mass when n > 1
+    ks: tuple[int, ...]  # k of pass@k and maj@k, each in 1..n
+    max_new_tokens: int
+    batch_size: int  # problems per generate call
+    device: str
+    dtype: str
+
+
+def validate_eval(cfg: DictConfig) -> EvalSettings:
+    """Typed, checked `eval.*` settings of `opo eval` or of evaluation during `opo train`.
+
+    `opo eval`'s block has `n`; the training block has not: it is greedy pass@1, `every` steps,
+    on the trainer's device.
+    """
+    inf = float("inf")
+    standalone = "n" in cfg.eval
+    n = _int(cfg, "eval.n", 1) if standalone else 1
+    ks = OmegaConf.select(cfg, "eval.ks")
+    ks = sorted({1, n}) if ks is None else list(ks)
+    ok = bool(ks) and all(type(k) is int and 1 <= k <= n for k in ks)
+    _require(ok, "eval.ks", ks, f"a list of integers in 1..eval.n ({n})")
+    limit = OmegaConf.select(cfg, "eval.limit")
+    return EvalSettings(
+        every=0 if standalone else _int(cfg, "eval.every", 0),
+        limit=None if limit is None else _int(cfg, "eval.limit", 1),
+        n=n,
+        temperature=_float(cfg, "eval.temperature", 0, inf, open_low=True) if standalone else 1.0,
+        top_p=_float(cfg, "eval.top_p", 0, 1, open_low=True) if standalone else 1.0,
+        ks=tuple(ks),
+        max_new_tokens=_int(cfg, "eval.max_new_tokens", 1),
+        batch_size=_int(cfg, "eval.batch_size", 1),
+        device=_choice(cfg, "eval.device", ("auto", "cpu", "cuda")) if standalone else "auto",
+        dtype=_choice(cfg, "eval.dtype", ("auto", "float32", "bfloat16")) if standalone else "auto",
     )
 
 

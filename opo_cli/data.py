@@ -6,10 +6,21 @@ default); file- and hub-backed datasets (MATH) load through the same `load_probl
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from opo_cli.errors import UserError
+from opo_cli.rewards import extract_boxed
+from opo_cli.tracking import console
+
+
+class DataError(UserError):
+    """A dataset that cannot be read or has nothing usable; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -42,11 +53,11 @@ def split_train_eval(
 
 
 def noisy_arith_answer(problem: Problem, rng: random.Random, accuracy: float) -> str:
-    """The gold answer with probability `accuracy`, else a near miss (gold +- 1..3)."""
+    """The gold answer with probability `accuracy`, else the teacher's habitual slip: it
+    stutters, writing the last digit twice (13 -> 133)."""
     if rng.random() < accuracy:
         return problem.answer
-    miss = int(problem.answer) + rng.choice([-3, -2, -1, 1, 2, 3])
-    return str(miss)
+    return problem.answer + problem.answer[-1]
 
 
 def load_problems(cfg: DictConfig) -> tuple[list[Problem], list[Problem]]:
@@ -54,7 +65,220 @@ def load_problems(cfg: DictConfig) -> tuple[list[Problem], list[Problem]]:
     if cfg.name == "arith":
         problems = arith_problems(cfg.max_operand, cfg.ops)
         return split_train_eval(problems, cfg.eval_size, cfg.split_seed)
+    if "hub_id" in cfg:
+        levels = configured_levels(cfg.levels, "dataset.levels")
+        held_levels = levels
+        if cfg.eval_levels is not None:
+            held_levels = configured_levels(cfg.eval_levels, "dataset.eval_levels")
+        problems = read_math_problems(cfg, levels | held_levels)
+        return split_by_level(problems, cfg, levels, held_levels)
     raise ValueError(f"unknown dataset '{cfg.name}'")
+
+
+def dataset_problems(cfg: DictConfig) -> list[Problem]:
+    """Every problem of the configured dataset, split and levels: what `opo eval` measures."""
+    if cfg.name == "arith":
+        return arith_problems(cfg.max_operand, cfg.ops)
+    return read_math_problems(cfg, configured_levels(cfg.levels, "dataset.levels"))
+
+
+# ------------------------------------------------------------------ MATH-style rows: hub or file
+
+
+@dataclass
+class SkipCounts:
+    malformed: int = 0  # not JSON, missing fields, empty problem, no \boxed{} in the solution
+    unknown_level: int = 0  # a level that is not a number ("Level ?")
+
+
+def parse_level(value: object) -> int | None:
+    """3 from 3, "3" or "Level 3"; None for anything else ("Level ?", None, True)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(?:level\s*)?(\d+)\s*", value, re.IGNORECASE)
+        return int(m[1]) if m else None
+    return None
+
+
+def configured_levels(values: object, key: str) -> set[int]:
+    """The level filter of the config (`[3]` or `["Level 3"]`), checked."""
+    items = list(values) if isinstance(values, ListConfig | list) else [values]
+    levels = {parse_level(v) for v in items}
+    if not items or None in levels:
+        shown = OmegaConf.to_container(values) if isinstance(values, ListConfig) else values
+        raise DataError(f"{key}={shown} is not allowed: a list of levels like [3] or ['Level 3']")
+    return levels
+
+
+def math_problem(row: object) -> Problem | None:
+    """A Problem from a MATH-style row (problem, solution, level, type or subject); None if
+    malformed. The gold is the whole solution: grading reads its last \\boxed{}."""
+    if not isinstance(row, dict) or "level" not in row:
+        return None
+    problem, solution = row.get("problem"), row.get("solution")
+    if not (isinstance(problem, str) and problem.strip() and isinstance(solution, str)):
+        return None
+    if extract_boxed(solution) is None:
+        return None
+    subject = row.get("type") or row.get("subject") or "unknown"
+    meta = {"subject": str(subject), "level": parse_level(row["level"])}
+    return Problem(problem.strip(), solution, meta)
+
+
+def parse_math_rows(rows: list[object]) -> tuple[list[Problem], SkipCounts]:
+    """Usable problems of `rows` (in order) and how many rows were skipped, by reason."""
+    problems, skipped = [], SkipCounts()
+    for row in rows:
+        p = math_problem(row)
+        if p is None:
+            skipped.malformed += 1
+        elif p.meta["level"] is None:
+            skipped.unknown_level += 1
+        else:
+            problems.append(p)
+    return problems, skipped
+
+
+def jsonl_rows(path: Path) -> tuple[list[object], int]:
+    """Parsed lines of a JSON Lines file and the number of lines that are not JSON."""
+    rows, bad = [], 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    return rows, bad
+
+
+def hub_rows(name: str, split: str) -> list[object]:
+    """Rows of `split` of a hub dataset, or of a local dataset folder, via `datasets`."""
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, split=split))
+    except Exception as e:  # offline, no such dataset or split, bad files: one line for all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"cannot load dataset '{name}' split '{split}': {first} "
+            "(dataset.path=FILE reads a local copy)"
+        ) from e
+
+
+def parquet_rows(path: Path) -> list[object]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"dataset.path={path}: not a readable Parquet file ({e})") from e
+
+
+def read_rows(cfg: DictConfig) -> tuple[list[object], int, str]:
+    """Raw rows of the configured split, the count of lines that are not JSON, and the source."""
+    if cfg.path is None:
+        return hub_rows(cfg.hub_id, cfg.split), 0, f"{cfg.hub_id} [{cfg.split}]"
+    path = Path(str(cfg.path)).expanduser()
+    if path.is_dir():
+        return hub_rows(str(path), cfg.split), 0, f"{path} [{cfg.split}]"
+    if not path.is_file():
+        raise DataError(f"dataset.path={cfg.path}: no such file or folder")
+    if path.suffix == ".parquet":
+        return parquet_rows(path), 0, str(path)
+    if path.suffix in (".jsonl", ".json"):
+        return (*jsonl_rows(path), str(path))
+    raise DataError(
+        f"dataset.path={cfg.path}: unknown format; use a .jsonl or .parquet file or a folder"
+    )
+
+
+def read_math_problems(cfg: DictConfig, levels: set[int]) -> list[Problem]:
+    """The usable problems at `levels`; skipped rows are counted on one console line."""
+    rows, not_json, source = read_rows(cfg)
+    problems, skipped = parse_math_rows(rows)
+    skipped.malformed += not_json
+    if skipped.malformed or skipped.unknown_level:
+        console.print(
+            f"dataset {cfg.name}: skipped {skipped.malformed} malformed rows and "
+            f"{skipped.unknown_level} with an unknown level in {source}",
+            soft_wrap=True,  # one line, however narrow the terminal
+            highlight=False,
+        )
+    kept = [p for p in problems if p.meta["level"] in levels]
+    if not kept:
+        raise DataError(
+            f"dataset {cfg.name}: no usable problems at levels {sorted(levels)} in {source}"
+        )
+    return kept
+
+
+def split_by_level(
+    problems: list[Problem], cfg: DictConfig, levels: set[int], held_levels: set[int]
+) -> tuple[list[Problem], list[Problem]]:
+    """Held-out problems drawn (seeded) from `held_levels`, training problems from `levels`.
+
+    With `held_levels == levels` this is `split_train_eval`; `dataset.train_size` then keeps a
+    seeded subset of the training problems (e.g. 10% of Level 3).
+    """
+    candidates = [p for p in problems if p.meta["level"] in held_levels]
+    _, held = split_train_eval(candidates, cfg.eval_size, cfg.split_seed)
+    held_set = set(held)
+    train = [p for p in problems if p.meta["level"] in levels and p not in held_set]
+    if cfg.train_size is not None:
+        if not 1 <= cfg.train_size <= len(train):
+            raise DataError(
+                f"dataset.train_size={cfg.train_size} is not allowed: 1..{len(train)} problems"
+            )
+        _, train = split_train_eval(train, cfg.train_size, cfg.split_seed)
+    if not train:
+        raise DataError(
+            f"dataset {cfg.name}: no training problems left after holding out {len(held)}"
+        )
+    return train, held
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+
+def format_prompt(
+    problem: Problem, tok, template: str | None, *, enable_thinking: bool = False
+) -> str:
+    """The text the policy continues.
+
+    `template` (its `{problem}` replaced by the problem text) goes through the tokenizer's
+    chat template as one user turn when the tokenizer has one, else it is used as plain text.
+    With no template (arith) the prompt is used as it is. `enable_thinking` reaches chat
+    templates that read it (Qwen3); the others ignore it.
+    """
+    if template is None:
+        return problem.prompt
+    text = template.replace("{problem}", problem.prompt)
+    if not getattr(tok, "chat_template", None):
+        return text
+    return tok.apply_chat_template(
+        [{"role": "user", "content": text}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
+    )
+
+
+def prompt_texts(problems: list[Problem], tok, dataset_cfg: DictConfig) -> list[str]:
+    """`format_prompt` of each problem with the dataset's template (none for arith)."""
+    template = OmegaConf.select(dataset_cfg, "template", default=None)
+    thinking = bool(OmegaConf.select(dataset_cfg, "enable_thinking", default=False))
+    return [format_prompt(p, tok, template, enable_thinking=thinking) for p in problems]
+
+
+def formatted_problems(problems: list[Problem], tok, dataset_cfg: DictConfig) -> list[Problem]:
+    """The problems with their prompts replaced by `prompt_texts`: formatted once per run."""
+    texts = prompt_texts(problems, tok, dataset_cfg)
+    return [replace(p, prompt=t) for p, t in zip(problems, texts, strict=True)]
 
 
 class PromptSampler:
@@ -95,13 +319,25 @@ def warm_start_pairs(
 ) -> list[tuple[str, str]]:
     """`n` (prompt, completion) demonstrations for the tiny model's supervised warm start.
 
-    On `arith` the teacher is noisy (right with probability `accuracy`, else a near miss), so
-    the warm start teaches the format and a spread of answers, and RL has something to find.
+    On `arith` the teacher is noisy (right with probability `accuracy`, else it stutters), so
+    the warm start teaches the format and a wrong habit, and RL has something to find. On MATH
+    it states the boxed answer only (`short_solution`).
     """
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
         p = problems[rng.randrange(len(problems))]
-        answer = noisy_arith_answer(p, rng, accuracy) if name == "arith" else p.answer
+        if name == "arith":
+            answer = noisy_arith_answer(p, rng, accuracy)
+        else:
+            answer = short_solution(p.answer)
         pairs.append((p.prompt, answer))
     return pairs
+
+
+def short_solution(gold: str) -> str:
+    """`The answer is $\\boxed{X}$.` for a gold solution: the format the reward reads, in a few
+    tokens (whole MATH solutions, hundreds of tokens each, made the tiny warm start minutes long).
+    """
+    answer = extract_boxed(gold)
+    return gold if answer is None else f"The answer is $\\boxed{{{answer}}}$."

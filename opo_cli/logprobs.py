@@ -16,11 +16,12 @@ CHUNK_ROWS = 1024  # token rows of float32 vocabulary-wide values alive at once
 class _TokenLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for checks
         flat = logits.reshape(-1, logits.shape[-1])  # (R, V)
-        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)  # (R,)
+        lse = torch.empty(flat.shape[0], dtype=acc, device=flat.device)  # (R,)
         for s in range(0, flat.shape[0], chunk):
-            lse[s : s + chunk] = flat[s : s + chunk].float().logsumexp(-1)
-        picked = flat.gather(-1, targets.reshape(-1, 1)).squeeze(-1).float()  # (R,)
+            lse[s : s + chunk] = flat[s : s + chunk].to(acc).logsumexp(-1)
+        picked = flat.gather(-1, targets.reshape(-1, 1)).squeeze(-1).to(acc)  # (R,)
         ctx.save_for_backward(logits, targets, lse)
         ctx.chunk = chunk
         return (picked - lse).view(targets.shape)  # (N, T)
@@ -30,11 +31,11 @@ class _TokenLogProb(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         flat = logits.reshape(-1, logits.shape[-1])  # (R, V)
         idx = targets.reshape(-1, 1)  # (R, 1)
-        g = grad.reshape(-1, 1).float()  # (R, 1)
+        g = grad.reshape(-1, 1).to(lse.dtype)  # (R, 1)
         out = torch.empty_like(flat)  # (R, V)
         for s in range(0, flat.shape[0], ctx.chunk):
             e = s + ctx.chunk
-            probs = (flat[s:e].float() - lse[s:e, None]).exp()  # (r, V)
+            probs = (flat[s:e].to(lse.dtype) - lse[s:e, None]).exp()  # (r, V)
             d = -probs * g[s:e]  # (r, V) d logp / d logits = onehot - softmax
             d.scatter_add_(-1, idx[s:e], g[s:e])
             out[s:e] = d.to(out.dtype)
@@ -42,7 +43,7 @@ class _TokenLogProb(torch.autograd.Function):
 
 
 def token_logps(logits: Tensor, targets: Tensor, chunk: int = CHUNK_ROWS) -> Tensor:
-    """log softmax(logits)[targets]: (N, T, V), (N, T) -> (N, T) float32, differentiable."""
+    """log softmax(logits)[targets]: (N, T, V), (N, T) -> (N, T), at least float32."""
     return _TokenLogProb.apply(logits, targets, chunk)
 
 

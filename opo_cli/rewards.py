@@ -436,6 +436,24 @@ def grade_math(response: str, gold: str, *, timeout_s: float | None = None) -> b
         return False
 
 
+# ------------------------------------------------------------------------------------ shaping
+
+
+def overlong_penalties(lengths: Sequence[int], *, max_len: int, buffer: int) -> list[float]:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), one value per completion.
+
+    With L = `max_len` and B = `buffer` (tokens): 0 for |y| <= L − B, ((L − B) − |y|) / B for
+    L − B < |y| <= L (falling linearly to −1 at L), −1 beyond L. Added to the task reward;
+    `buffer=0` turns it off (all zeros).
+    """
+    if buffer == 0:
+        return [0.0] * len(lengths)
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"buffer must be in [0, max_len={max_len}], got {buffer}")
+    start = max_len - buffer  # L − B: the last length without a penalty
+    return [-min(max(n - start, 0), buffer) / buffer for n in lengths]
+
+
 REWARDS: dict[str, Callable[[Sequence[str], Sequence[str]], list[float]]] = {
     "exact_match": score_exact_match,
     "math": score_math,

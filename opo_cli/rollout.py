@@ -3,14 +3,26 @@
 Row layout (N = P * G rows): left-padded prompt tokens, then completion tokens. The
 completion mask is 1 up to and including the first EOS; a completion with no EOS within
 `max_new_tokens` is truncated (mask 1 on all of its tokens).
+
+`sample_batch` is what a training step calls: it draws prompts, generates, scores, and applies
+the method's rollout options (DAPO's dynamic sampling, overlong penalty, truncation mask).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from opo_cli.advantages import uniform_groups
+from opo_cli.config import RolloutSettings
+from opo_cli.data import Problem, PromptSampler
+from opo_cli.rewards import overlong_penalties
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]  # (texts, golds) -> rewards
 
 
 @dataclass
@@ -95,3 +107,162 @@ def generate_rollout(
         texts=texts,
         group_size=group_size,
     )
+
+
+# ------------------------------------------------------------------ batches of several draws
+
+
+def _pad_rollout(r: Rollout, prompt_len: int, completion_len: int, pad_id: int) -> Rollout:
+    """`r` with its prompts left-padded to `prompt_len` and completions right-padded."""
+    left = prompt_len - (r.input_ids.shape[1] - r.completion_len)
+    right = completion_len - r.completion_len
+    return replace(
+        r,
+        input_ids=F.pad(r.input_ids, (left, right), value=pad_id),  # (N, Lp' + Lc')
+        attention_mask=F.pad(r.attention_mask, (left, right), value=0),  # (N, Lp' + Lc')
+        completion_mask=F.pad(r.completion_mask, (0, right), value=0.0),  # (N, Lc')
+    )
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """One rollout holding the rows of `parts` in order (re-padded to common lengths)."""
+    if len({p.group_size for p in parts}) != 1:
+        raise ValueError("rollouts with different group sizes cannot be joined")
+    prompt_len = max(p.input_ids.shape[1] - p.completion_len for p in parts)
+    completion_len = max(p.completion_len for p in parts)
+    padded = [_pad_rollout(p, prompt_len, completion_len, pad_id) for p in parts]
+    joined = {}
+    for f in fields(Rollout):
+        values = [getattr(p, f.name) for p in padded]
+        if isinstance(values[0], Tensor):
+            joined[f.name] = torch.cat(values)
+        elif isinstance(values[0], list):
+            joined[f.name] = [v for value in values for v in value]
+        else:
+            joined[f.name] = values[0]
+    return Rollout(**joined)
+
+
+def group_rows(groups: Tensor, group_size: int) -> Tensor:
+    """Row indices of whole groups: (K,) group ids -> (K * G,) rows."""
+    offsets = torch.arange(group_size, device=groups.device)  # (G,)
+    return (groups[:, None] * group_size + offsets).flatten()  # (K * G,)
+
+
+def dynamic_sample(
+    draw: Callable[[int], Rollout], *, prompts: int, max_extra_rounds: int, pad_id: int
+) -> tuple[Rollout, Rollout, dict[str, float]]:
+    """DAPO's dynamic sampling (arXiv 2503.14476, section 3.2): a batch without uniform groups.
+
+    `draw(k)` samples and scores the groups of k new prompts. Groups whose rewards are all
+    equal (no learning signal) are dropped and further rounds of `prompts` prompts are drawn
+    until `prompts` informative groups are found, at most `max_extra_rounds` extra rounds. If
+    the bound is hit first, the batch is filled up with uniform groups (in the order drawn) so
+    that it always holds `prompts` groups; they carry a zero advantage in the GRPO family.
+    Returns (batch, every row drawn, stats): `train/dropped_groups` counts the uniform groups
+    left out, `train/extra_rounds` the rounds beyond the first.
+    """
+    parts = [draw(prompts)]
+    G = parts[0].group_size
+    informative = int((~uniform_groups(parts[0].rewards, G)).sum())
+    while informative < prompts and len(parts) <= max_extra_rounds:
+        parts.append(draw(prompts))
+        informative += int((~uniform_groups(parts[-1].rewards, G)).sum())
+    drawn = concat_rollouts(parts, pad_id)
+    uniform = uniform_groups(drawn.rewards, G)  # (K,) bool per group drawn
+    keep = torch.cat([(~uniform).nonzero(), uniform.nonzero()]).flatten()[:prompts]  # (P,)
+    batch = drawn.rows(group_rows(keep.sort().values, G))
+    stats = {
+        "train/dropped_groups": float(uniform.sum()) - float(uniform[keep].sum()),
+        "train/extra_rounds": float(len(parts) - 1),
+    }
+    return batch, drawn, stats
+
+
+# ------------------------------------------------------------------ the step's training batch
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """Reward, length and truncation of the completions in `rollout`."""
+    r = rollout.rewards
+    lengths = rollout.completion_mask.sum(-1)  # (N,)
+    return {
+        "train/reward_mean": r.mean().item(),
+        "train/reward_std": r.std().item(),
+        "train/response_len_mean": lengths.mean().item(),
+        "train/truncated_frac": rollout.truncated.float().mean().item(),
+    }
+
+
+def shape_overlong(rollout: Rollout, *, max_len: int, buffer: int) -> Rollout:
+    """Rewards plus DAPO's soft overlong penalty on each completion's length (0 when off)."""
+    lengths = rollout.completion_mask.sum(-1).long().tolist()
+    penalty = overlong_penalties(lengths, max_len=max_len, buffer=buffer)
+    return replace(rollout, rewards=rollout.rewards + rollout.rewards.new_tensor(penalty))
+
+
+def mask_truncated(rollout: Rollout) -> Rollout:
+    """The rollout with truncated completions left out of the loss (their mask rows zeroed)."""
+    keep = (~rollout.truncated).float()[:, None]  # (N, 1)
+    return replace(rollout, completion_mask=rollout.completion_mask * keep)  # (N, Lc)
+
+
+def score_rollout(rollout: Rollout, golds: list[str], reward_fn: RewardFn) -> Rollout:
+    """The rollout with its task rewards: `reward_fn(texts, golds)`, one per completion."""
+    scores = reward_fn(rollout.texts, golds)
+    return replace(rollout, rewards=rollout.rewards.new_tensor(scores, dtype=torch.float32))
+
+
+def draw_scored(
+    model, tok, problems: list[Problem], reward_fn: RewardFn, r: RolloutSettings
+) -> Rollout:
+    """`r.group_size` scored completions of each problem's prompt."""
+    rollout = generate_rollout(
+        model,
+        tok,
+        [p.prompt for p in problems],
+        group_size=r.group_size,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+    )
+    golds = [p.answer for p in problems for _ in range(r.group_size)]
+    return score_rollout(rollout, golds, reward_fn)
+
+
+def sample_batch(
+    model,
+    tok,
+    sampler: PromptSampler,
+    problems: list[Problem],
+    reward_fn: RewardFn,
+    r: RolloutSettings,
+) -> tuple[Rollout, dict[str, float]]:
+    """The step's training batch of `r.prompts_per_step` groups, and its rollout metrics.
+
+    Prompts come from `sampler` (indices into `problems`); rewards from `reward_fn`. With
+    `r.dynamic_sampling`, uniform groups are replaced by new draws (`dynamic_sample`). Then
+    the overlong penalty is added to the rewards and, with `r.mask_truncated`, truncated
+    completions are masked out of the loss. The metrics (`train/reward_mean` ...) are taken
+    over every completion drawn, with the task reward before shaping, so that they compare
+    across methods.
+    """
+
+    def draw(k: int) -> Rollout:
+        return draw_scored(model, tok, [problems[i] for i in sampler.next(k)], reward_fn, r)
+
+    if r.dynamic_sampling:
+        batch, drawn, stats = dynamic_sample(
+            draw,
+            prompts=r.prompts_per_step,
+            max_extra_rounds=r.max_extra_rounds,
+            pad_id=tok.pad_token_id,
+        )
+    else:
+        batch = drawn = draw(r.prompts_per_step)
+        stats = {"train/dropped_groups": 0.0, "train/extra_rounds": 0.0}
+    shaped = shape_overlong(batch, max_len=r.max_new_tokens, buffer=r.overlong_buffer)
+    stats["train/overlong_penalty_mean"] = (shaped.rewards - batch.rewards).mean().item()
+    if r.mask_truncated:
+        shaped = mask_truncated(shaped)
+    return shaped, {**rollout_metrics(drawn), **stats}

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in logs
 
 CONSOLE_KEYS = {  # metric -> short console label
     "train/reward_mean": "reward",
@@ -80,6 +81,14 @@ class NullRun:
         pass
 
 
+def config_tags(cfg: DictConfig) -> list[str]:
+    """W&B tags from the config: method and model of a training run, `eval` and the dataset of
+    an evaluation (whose config has no method)."""
+    if "method" in cfg:
+        return [cfg.method.name, cfg.model.name]
+    return ["eval", cfg.dataset.name]
+
+
 def start_wandb(cfg: DictConfig, run_dir: Path, name: str):
     """A W&B run (resumed when the run folder has one), or `NullRun` when off or failing."""
     lcfg = cfg.logger
@@ -90,7 +99,7 @@ def start_wandb(cfg: DictConfig, run_dir: Path, name: str):
 
         mode = wandb_mode(lcfg.mode)
         id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         if mode == "offline" and lcfg.mode == "auto" and not os.environ.get("WANDB_MODE"):
             console.print("[yellow]W&B: no account configured, logging offline[/] (`wandb sync`)")
@@ -99,7 +108,7 @@ def start_wandb(cfg: DictConfig, run_dir: Path, name: str):
             entity=lcfg.entity,
             group=lcfg.group,
             name=name,
-            tags=[cfg.method.name, cfg.model.name, *lcfg.tags],
+            tags=[*config_tags(cfg), *lcfg.tags],
             config=OmegaConf.to_container(cfg, resolve=True),
             dir=str(run_dir),
             id=run_id,

@@ -18,13 +18,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from opo_cli.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint, set_rng_state
-from opo_cli.config import TrainSettings, validate_train
-from opo_cli.data import Problem, PromptSampler, load_problems
+from opo_cli.config import TrainSettings, validate_eval, validate_train
+from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
+from opo_cli.errors import UserError, first_line
+from opo_cli.evaluate import held_out_metrics
 from opo_cli.logprobs import completion_logps
 from opo_cli.losses import LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
 from opo_cli.rewards import get_reward
-from opo_cli.rollout import Rollout, generate_rollout
+from opo_cli.rollout import Rollout, sample_batch
+from opo_cli.stopping import BadStepCounter, Diverged, Interrupted, SignalStop
 from opo_cli.tracking import Tracker, console
 
 
@@ -145,21 +148,10 @@ def optimise(policy: Policy, opt, sched, rollout: Rollout, s: TrainSettings, cfg
     model.eval()
     mask = rollout.completion_mask
     stats = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
-    stats["train/entropy"] = ((entropy * mask).sum() / mask.sum()).item()
+    stats["train/entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1.0)).item()
     stats["train/skipped_updates"] = skipped
     stats["train/lr"] = sched.get_last_lr()[0]
     return stats
-
-
-def rollout_metrics(rollout: Rollout) -> dict:
-    r = rollout.rewards
-    lengths = rollout.completion_mask.sum(-1)  # (N,)
-    return {
-        "train/reward_mean": r.mean().item(),
-        "train/reward_std": r.std().item(),
-        "train/response_len_mean": lengths.mean().item(),
-        "train/truncated_frac": rollout.truncated.float().mean().item(),
-    }
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -171,20 +163,8 @@ def peak_memory_gb(device: torch.device) -> float:
 def train_step(policy, opt, sched, sampler, problems, reward_fn, s: TrainSettings, cfg, step):
     """One step: sample a rollout, score it, optimise on it; returns the step's metrics row."""
     t0 = time.perf_counter()
-    batch = [problems[i] for i in sampler.next(s.rollout.prompts_per_step)]
-    r = s.rollout
-    rollout = generate_rollout(
-        policy.model,
-        policy.tok,
-        [p.prompt for p in batch],
-        group_size=r.group_size,
-        max_new_tokens=r.max_new_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p,
-    )
-    golds = [p.answer for p in batch for _ in range(r.group_size)]
-    rollout.rewards = torch.tensor(reward_fn(rollout.texts, golds), dtype=torch.float32).to(
-        rollout.input_ids.device
+    rollout, sample_stats = sample_batch(
+        policy.model, policy.tok, sampler, problems, reward_fn, s.rollout
     )
     t1 = time.perf_counter()
     stats = optimise(policy, opt, sched, rollout, s, cfg, step)
@@ -193,7 +173,7 @@ def train_step(policy, opt, sched, sampler, problems, reward_fn, s: TrainSetting
     completion_tokens = rollout.completion_mask.sum().item()
     train_tokens = rollout.attention_mask.sum().item() * s.trainer.epochs
     return {
-        **rollout_metrics(rollout),
+        **sample_stats,
         **stats,
         "perf/step_s": t2 - t0,
         "perf/rollout_s": t1 - t0,
@@ -213,52 +193,134 @@ def make_optimizer(model, s: TrainSettings):
     return opt, sched
 
 
+@dataclass
+class RunState:
+    """What a step changes, and the last finished step; a checkpoint holds all of it."""
+
+    policy: Policy
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    sampler: PromptSampler
+    step: int
+
+
+def fresh_state(cfg, s: TrainSettings, start: str, initial: str, device, dtype, n: int):
+    """Policy loaded from `start`, new optimizer and sampler over `n` problems, step 0."""
+    policy = load_models(cfg, start, initial, device, dtype)
+    opt, sched = make_optimizer(policy.model, s)
+    seed_everything(s.seed)  # after loading: model construction may draw random numbers
+    return RunState(policy, opt, sched, PromptSampler(n, s.seed), 0)
+
+
+def resumed_state(folder: Path, cfg, s: TrainSettings, initial: str, device, dtype, n: int):
+    """The state saved in checkpoint `folder`; a damaged file raises (of any type)."""
+    state = fresh_state(cfg, s, str(folder), initial, device, dtype, n)
+    saved, optim = load_trainer_state(folder)
+    state.opt.load_state_dict(optim["optimizer"])
+    state.sched.load_state_dict(optim["scheduler"])
+    state.sampler.load_state_dict(saved["sampler"])
+    set_rng_state(saved["rng"])
+    state.step = int(saved["step"])
+    return state
+
+
+def start_state(cfg, s: TrainSettings, run_dir: Path, initial: str, device, dtype, n: int):
+    """The newest readable checkpoint's state (`trainer.resume=auto`), else a fresh start.
+
+    A damaged checkpoint (a cut-off or corrupt file) is skipped with a one-line warning for
+    the one before it; when every one is damaged the run stops rather than start over.
+    """
+    checkpoints = list_checkpoints(run_dir) if s.trainer.resume == "auto" else []
+    for folder in checkpoints:
+        try:
+            state = resumed_state(folder, cfg, s, initial, device, dtype, n)
+        except Exception as e:  # safetensors, zip, pickle and OS errors alike: unusable
+            warning = f"warning: skipping damaged checkpoint {folder}: {first_line(e)}"
+            console.print(warning, **PLAIN)
+            continue
+        console.print(f"resuming from {folder} (step {state.step})", **PLAIN)
+        return state
+    if checkpoints:
+        raise UserError(
+            f"trainer.resume=auto: no readable checkpoint in {run_dir / 'checkpoints'}; "
+            "set trainer.resume=never to start over"
+        )
+    return fresh_state(cfg, s, initial, initial, device, dtype, n)
+
+
+PLAIN = {"markup": False, "highlight": False, "soft_wrap": True}  # one console line, verbatim
+
+
+def save_state(run_dir: Path, state: RunState, s: TrainSettings) -> Path:
+    return save_checkpoint(
+        run_dir,
+        state.step,
+        model=state.policy.model,
+        tok=state.policy.tok,
+        optimizer=state.opt,
+        scheduler=state.sched,
+        trainer_state={"sampler": state.sampler.state_dict()},
+        keep_last=s.trainer.keep_last,
+    )
+
+
+def is_save_step(step: int, t) -> bool:
+    """The last step, and every `trainer.save_every`-th one."""
+    return step == t.steps or (t.save_every > 0 and step % t.save_every == 0)
+
+
+def stop_early(state: RunState, s: TrainSettings, stop: SignalStop, diverged: bool, saved: Path):
+    """Raise `Interrupted` after a signal, `Diverged` after max_bad_steps bad steps in a row."""
+    t = s.trainer
+    if diverged:
+        raise Diverged(
+            f"trainer.max_bad_steps={t.max_bad_steps}: every update of the last "
+            f"{t.max_bad_steps} steps had a non-finite loss or gradient; stopped after step "
+            f"{state.step} with checkpoint {saved} (a lower trainer.lr may help)"
+        )
+    if stop.signum is not None and state.step < t.steps:
+        raise Interrupted(
+            f"interrupted by {stop.name} after step {state.step}/{t.steps}; checkpoint "
+            f"{saved}; run the same command again to resume",
+            stop.exit_code,
+        )
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run (or resume) one training run in `run_dir`; returns the last metrics row."""
+    """Run (or resume) one training run in `run_dir`; returns the last metrics row.
+
+    SIGINT/SIGTERM end the current step, write a checkpoint and raise `Interrupted`;
+    `trainer.max_bad_steps` steps in a row with only skipped updates raise `Diverged`.
+    """
     s = validate_train(cfg)
+    ev = validate_eval(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(s.trainer.device)
     dtype = pick_dtype(s.trainer.dtype, device)
-    problems, _ = load_problems(cfg.dataset)
+    problems, held_out = load_problems(cfg.dataset)
     initial = initial_model_path(cfg, problems)
-    checkpoints = list_checkpoints(run_dir) if s.trainer.resume == "auto" else []
-    start = str(checkpoints[0]) if checkpoints else initial
-    policy = load_models(cfg, start, initial, device, dtype)
-    opt, sched = make_optimizer(policy.model, s)
-    sampler = PromptSampler(len(problems), s.seed)
-    seed_everything(s.seed)
-    start_step = 0
-    if checkpoints:
-        state, optim_state = load_trainer_state(checkpoints[0])
-        opt.load_state_dict(optim_state["optimizer"])
-        sched.load_state_dict(optim_state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        start_step = int(state["step"])
-        console.print(f"resuming from {checkpoints[0]} (step {start_step})")
+    state = start_state(cfg, s, run_dir, initial, device, dtype, len(problems))
+    policy, opt, sched, sampler = state.policy, state.opt, state.sched, state.sampler
+    problems = formatted_problems(problems, policy.tok, cfg.dataset)  # as the policy sees them
     reward_fn = get_reward(cfg.dataset.reward)
-    tracker = Tracker(cfg, run_dir, start_step=start_step, total_steps=s.trainer.steps)
+    tracker = Tracker(cfg, run_dir, start_step=state.step, total_steps=s.trainer.steps)
+    bad_steps = BadStepCounter(s.trainer.max_bad_steps)
+    updates_per_step = s.trainer.epochs * s.trainer.mini_batches
     row = {}
-    try:
-        for step in range(start_step + 1, s.trainer.steps + 1):
-            row = train_step(policy, opt, sched, sampler, problems, reward_fn, s, cfg, step)
-            tracker.log(step, row)
-            if step == s.trainer.steps or (
-                s.trainer.save_every and step % s.trainer.save_every == 0
-            ):
-                save_checkpoint(
-                    run_dir,
-                    step,
-                    model=policy.model,
-                    tok=policy.tok,
-                    optimizer=opt,
-                    scheduler=sched,
-                    trainer_state={"sampler": sampler.state_dict()},
-                    keep_last=s.trainer.keep_last,
-                )
-    finally:
-        tracker.close()
-    policy.model.save_pretrained(run_dir / "final", safe_serialization=True)
-    policy.tok.save_pretrained(run_dir / "final")
+    with SignalStop() as stop:
+        try:
+            for step in range(state.step + 1, s.trainer.steps + 1):
+                row = train_step(policy, opt, sched, sampler, problems, reward_fn, s, cfg, step)
+                if ev.every and step % ev.every == 0:
+                    row |= held_out_metrics(policy.model, policy.tok, held_out, cfg.dataset, ev)
+                tracker.log(step, row)
+                state.step = step
+                diverged = bad_steps.update(row["train/skipped_updates"], updates_per_step)
+                if diverged or stop.signum or is_save_step(step, s.trainer):
+                    stop_early(state, s, stop, diverged, save_state(run_dir, state, s))
+        finally:
+            tracker.close()
+        policy.model.save_pretrained(run_dir / "final", safe_serialization=True)
+        policy.tok.save_pretrained(run_dir / "final")
     console.print(f"done: {run_dir / 'final'}")
     return row

@@ -1,0 +1,50 @@
+"""Shared test helpers: compose the real config with small overrides (house style)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from opo_cli.config import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+MATH_DIR = REPO.parent / "shared" / "data" / "math"
+
+TINY = [  # a run that takes about a second on a CPU
+    "logger=none",
+    "trainer.steps=2",
+    "trainer.save_every=1",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=4",
+    "model.tiny.warm_start.steps=20",
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+]
+
+
+def compose_train(overrides: list[str], cache_dir: Path, *, tiny: bool = True):
+    """The real `conf/train.yaml` composed with the tiny overrides, then `overrides`."""
+    base = [*TINY, f"model.cache_dir={cache_dir}"] if tiny else ["logger=none"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose("train", overrides=[*base, *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """One tiny-model cache for the whole session: the warm start is paid once."""
+    return tmp_path_factory.mktemp("opo-cache")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests are skipped on a machine without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
