@@ -1,0 +1,208 @@
+"""`opo eval` and evaluation during training: pass@k and maj@k by hand, checkpoint folders,
+`opo eval` on a one-step tiny MATH checkpoint, and eval/ metrics in a training run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import opo_cli.config as C
+from opo_cli import cli
+from opo_cli.data import Problem
+from opo_cli.errors import UserError
+from opo_cli.evaluate import (
+    Graded,
+    evaluate,
+    majority_correct,
+    math_answer_key,
+    pass_at_k,
+    resolve_checkpoint,
+    summarise,
+)
+from opo_cli.train import train
+
+MATH_DIR = Path(os.environ.get("OPO_MATH_DIR", "/work/shared/data/math"))
+needs_math = pytest.mark.skipif(not (MATH_DIR / "test.jsonl").exists(), reason="no MATH data")
+TINY = [  # a fast tiny run: 2 prompts x 2 completions of 4 tokens, no warm start
+    "model.tiny.warm_start.steps=0",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=2",
+    "rollout.max_new_tokens=4",
+    "trainer.mini_batches=1",
+    "logger=none",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU they spin: one is faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_cfg(name: str, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
+        return compose(name, overrides=list(overrides))
+
+
+def test_pass_at_k_matches_the_closed_form_by_hand():
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2) = 0.5
+    assert pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # 1 - C(3,3)/C(5,3)
+    assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)  # pass@1 = c/n
+    assert pass_at_k(4, 0, 2) == 0.0
+    assert pass_at_k(8, 4, 5) == 1.0  # only 4 wrong: any 5 draws hold a right one
+
+
+def test_majority_vote_over_normalised_boxed_answers():
+    responses = ["so \\boxed{3}", "\\boxed{\\dfrac{1}{2}}", "I think $\\boxed{\\frac{1}{2}}$.", "?"]
+    # \dfrac and \frac are one answer: 1/2 gets 2 votes, 3 gets 1, "?" has no answer
+    assert majority_correct(responses, [False, True, True, False], math_answer_key) is True
+    assert majority_correct(responses, [True, False, False, False], math_answer_key) is False
+    tie = ["\\boxed{4}", "\\boxed{5}"]  # a tie goes to the answer seen first
+    assert majority_correct(tie, [True, False], math_answer_key) is True
+    assert majority_correct(["no answer"], [False], math_answer_key) is False
+
+
+def graded(subject: str, level: int, correct: list[bool], answers: list[str]) -> Graded:
+    n = len(correct)
+    problem = Problem("p", "\\boxed{1}", {"subject": subject, "level": level})
+    responses = [f"\\boxed{{{a}}}" for a in answers]
+    return Graded(problem, responses, correct, [10] * n, [False] * n)
+
+
+def test_summary_by_hand():
+    results = [
+        graded("Algebra", 3, [True, False, False, True], ["1", "2", "2", "1"]),
+        graded("Algebra", 4, [False, False, False, False], ["2", "2", "3", "3"]),
+        graded("Geometry", 3, [True, True, True, False], ["1", "1", "1", "7"]),
+    ]
+    out = summarise(results, (1, 2, 4), math_answer_key)
+    assert out["accuracy"] == pytest.approx((2 / 4 + 0 + 3 / 4) / 3)
+    # pass@2 = 1 - C(n-c,2)/C(4,2): c=2 -> 1-1/6, c=0 -> 0, c=3 -> 1
+    assert out["pass@2"] == pytest.approx((5 / 6 + 0 + 1) / 3)
+    assert out["pass@4"] == pytest.approx(2 / 3)
+    # maj@2 votes on the first two: 1 vs 2 (tie, first: right), 2 (wrong), 1 (right)
+    assert out["maj@2"] == pytest.approx(2 / 3)
+    assert out["maj@4"] == pytest.approx(2 / 3)  # tie 1:2 -> 1 right; 2:3 tie -> wrong; 1 right
+    assert out["by_subject"]["Algebra"] == {"n": 2, "accuracy": pytest.approx(0.25)}
+    assert out["by_level"]["Level 3"] == {"n": 2, "accuracy": pytest.approx(0.625)}
+    assert (out["n"], out["samples_per_problem"], out["response_len_mean"]) == (3, 4, 10)
+
+
+def test_checkpoint_resolution(tmp_path):
+    run = tmp_path / "run"
+    for step in (2, 4):  # complete checkpoints hold trainer_state.pt
+        (run / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step_{step}" / "trainer_state.pt").write_bytes(b"")
+    assert resolve_checkpoint(str(run)) == str(run / "checkpoints" / "step_4")
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+    assert resolve_checkpoint(str(run)) == str(run / "final")
+    assert resolve_checkpoint(str(run / "final")) == str(run / "final")  # a model folder
+    assert resolve_checkpoint("Qwen/Qwen3-1.7B") == "Qwen/Qwen3-1.7B"  # a hub id
+    with pytest.raises(UserError, match="no such folder"):
+        resolve_checkpoint(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a run folder"):
+        resolve_checkpoint(str(tmp_path / "empty"))
+
+
+@pytest.fixture(scope="module")
+def math_run(tmp_path_factory) -> Path:
+    """A one-step tiny-model run on MATH Level 3 (its tokenizer trained on the problems)."""
+    tmp = tmp_path_factory.mktemp("math_run")
+    with (MATH_DIR / "train.jsonl").open() as f:  # 300 rows, ~70 at Level 3: a quick tokenizer
+        (tmp / "train.jsonl").write_text("".join(itertools.islice(f, 300)))
+    cfg = compose_cfg(
+        "train",
+        "dataset=math_l3",
+        f"dataset.path={tmp / 'train.jsonl'}",
+        "dataset.eval_size=8",
+        "trainer.steps=1",
+        f"model.cache_dir={tmp / 'cache'}",
+        *TINY,
+    )
+    train(cfg, tmp / "run")
+    return tmp / "run"
+
+
+@needs_math
+def test_opo_eval_writes_eval_json_for_a_run_folder(math_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [f"checkpoint={math_run}", "dataset=math_l3", f"dataset.path={MATH_DIR / 'test.jsonl'}"]
+    args += ["eval.limit=8", "eval.max_new_tokens=4", "eval.batch_size=3"]
+    monkeypatch.setattr(sys, "argv", ["opo", "eval", *args])
+    cli.main()
+    (found,) = (tmp_path / "outputs" / "eval").rglob("eval.json")
+    result = json.loads(found.read_text())
+    samples = [
+        json.loads(line) for line in (found.parent / "samples.jsonl").read_text().splitlines()
+    ]
+    assert result["n"] == 8 and len(samples) == 8
+    assert result["accuracy"] == sum(s["correct"] for s in samples) / 8
+    assert result["checkpoint"] == str(math_run / "final")
+    assert result["by_level"] == {"Level 3": {"n": 8, "accuracy": result["accuracy"]}}
+    assert sum(row["n"] for row in result["by_subject"].values()) == 8
+    assert samples[0]["gold"] == "2"  # the first Level 3 test problem: 2 vertical asymptotes
+    assert "accuracy" in capsys.readouterr().err
+
+
+@needs_math
+def test_sampled_eval_reports_pass_at_k_and_maj_at_k(math_run, tmp_path):
+    cfg = compose_cfg(
+        "eval",
+        f"checkpoint={math_run}",
+        f"dataset.path={MATH_DIR / 'test.jsonl'}",
+        "eval.limit=3",
+        "eval.n=3",
+        "eval.ks=[1,2,3]",
+        "eval.max_new_tokens=4",
+    )
+    result = evaluate(cfg, tmp_path / "eval")
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").open()]
+    assert len(rows) == 9
+    correct = [sum(r["correct"] for r in rows if r["index"] == i) for i in range(3)]
+    assert result["pass@1"] == pytest.approx(sum(c / 3 for c in correct) / 3)
+    expected = sum(1 - math.comb(3 - c, 2) / math.comb(3, 2) for c in correct) / 3
+    assert result["pass@2"] == pytest.approx(expected)
+    assert {"maj@1", "maj@2", "maj@3"} <= result.keys()
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["n"] == 3
+
+
+def test_a_missing_checkpoint_is_one_user_error(tmp_path):
+    cfg = compose_cfg("eval", f"checkpoint={tmp_path / 'nope'}", "dataset=arith")
+    with pytest.raises(UserError, match=r"checkpoint=.*nope: no such folder"):
+        evaluate(cfg, tmp_path / "eval")
+    with pytest.raises(UserError, match="checkpoint= is required"):
+        evaluate(compose_cfg("eval", "dataset=arith"), tmp_path / "eval")
+    with pytest.raises(C.ConfigError, match=r"eval\.ks=\[1, 4\] is not allowed"):
+        C.validate_eval(compose_cfg("eval", "eval.n=2", "eval.ks=[1,4]"))
+
+
+def test_eval_every_adds_eval_metrics_to_the_training_rows(tmp_path):
+    cfg = compose_cfg(
+        "train",
+        "trainer.steps=2",
+        "eval.every=2",
+        "eval.limit=5",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        *TINY,
+    )
+    train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert "eval/accuracy" not in rows[0]  # every 2 steps: step 2 only
+    assert 0.0 <= rows[1]["eval/accuracy"] <= 1.0
+    assert rows[1]["eval/accuracy"] * 5 == round(rows[1]["eval/accuracy"] * 5)  # k of 5 right
+    assert 1 <= rows[1]["eval/response_len_mean"] <= 4
