@@ -57,6 +57,7 @@ class TrainerSettings:
     epochs: int
     mini_batches: int
     micro_batch_size: int | None
+    micro_batch_tokens: int | None  # rows x padded width per forward; None: micro_batch_size
     lr: float
     weight_decay: float
     warmup_updates: int
@@ -81,6 +82,8 @@ class RolloutSettings:
     max_extra_rounds: int
     overlong_buffer: int  # tokens: round(method.rollout.overlong_buffer_frac * max_new_tokens)
     mask_truncated: bool
+    reuse_sampling_logps: bool | None  # pi_old kept while sampling; None: auto (float32 weights)
+    cache_implementation: str  # KV cache of generation: dynamic or static (CUDA)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,18 @@ def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> str:
     value = OmegaConf.select(cfg, key)
     _require(value in choices, key, value, "one of " + ", ".join(choices))
     return value
+
+
+def _optional_int(cfg: DictConfig, key: str, minimum: int) -> int | None:
+    """`_int`, or None when the key is null."""
+    return None if OmegaConf.select(cfg, key) is None else _int(cfg, key, minimum)
+
+
+def _bool_or_auto(cfg: DictConfig, key: str) -> bool | None:
+    """true, false, or `auto` (None: decided at run time)."""
+    value = OmegaConf.select(cfg, key)
+    _require(value in (True, False, "auto"), key, value, "true, false or auto")
+    return None if value == "auto" else value
 
 
 def _bool(cfg: DictConfig, key: str) -> bool:
@@ -163,6 +178,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         epochs=_int(cfg, "trainer.epochs", 1),
         mini_batches=_int(cfg, "trainer.mini_batches", 1),
         micro_batch_size=None if micro is None else _int(cfg, "trainer.micro_batch_size", 1),
+        micro_batch_tokens=_optional_int(cfg, "trainer.micro_batch_tokens", 1),
         lr=_float(cfg, "trainer.lr", 0.0, 1.0, open_low=True),
         weight_decay=_float(cfg, "trainer.weight_decay", 0.0, 1.0),
         warmup_updates=_int(cfg, "trainer.warmup_updates", 0),
@@ -185,6 +201,8 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         max_extra_rounds=_int(cfg, "method.rollout.max_extra_rounds", 0),
         overlong_buffer=_overlong_buffer(cfg, _int(cfg, "rollout.max_new_tokens", 1)),
         mask_truncated=_bool(cfg, "method.rollout.mask_truncated"),
+        reuse_sampling_logps=_bool_or_auto(cfg, "rollout.reuse_sampling_logps"),
+        cache_implementation=_choice(cfg, "rollout.cache_implementation", ("dynamic", "static")),
     )
     _require(
         trainer.mini_batches <= rollout.prompts_per_step,
@@ -198,6 +216,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
     from opo_cli.losses import LOSSES  # imports torch: after the cheap checks, so errors are quick
 
     _require(cfg.method.loss in LOSSES, "method.loss", cfg.method.loss, ", ".join(sorted(LOSSES)))
+    check_loss_kwargs(cfg.method.loss, cfg.method.loss_kwargs)
     return TrainSettings(
         alpha=alpha,
         mu=mu,
@@ -206,6 +225,22 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         trainer=trainer,
         rollout=rollout,
     )
+
+
+def check_loss_kwargs(loss: str, loss_kwargs: DictConfig) -> None:
+    """The loss accepts the method's arguments: one dry call on a group of two rows."""
+    import torch
+
+    from opo_cli.losses import LOSSES, LossInputs
+
+    kwargs = OmegaConf.to_container(loss_kwargs, resolve=True)
+    zeros = torch.zeros(2, 1)  # (2, 1)
+    dry = LossInputs(zeros.clone().requires_grad_(), zeros, zeros, zeros + 1, torch.eye(2)[0], 2)
+    try:
+        LOSSES[loss](dry, **kwargs)
+    except (TypeError, ValueError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"method.loss_kwargs of '{loss}': {detail}") from e
 
 
 @dataclass(frozen=True)

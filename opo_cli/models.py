@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import track
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -28,6 +30,8 @@ from transformers import (
 
 from opo_cli.data import Problem, warm_start_pairs
 from opo_cli.errors import UserError
+
+console = Console(stderr=True)
 
 
 class ModelLoadError(UserError):
@@ -117,9 +121,9 @@ def supervised_warm_start(
     rng = random.Random(0)
     loss = torch.tensor(float("nan"))
     model.train()
-    for _ in range(cfg.steps):
+    for _ in track(range(cfg.steps), description="tiny model warm start (once)", console=console):
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(cfg.batch_size)]
-        ids, labels = _sft_batch(tok, batch)
+        ids, labels = _sft_batch(tok, batch, model.config.max_position_embeddings)
         mask = (ids != tok.pad_token_id).long()  # (B, L)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -129,14 +133,20 @@ def supervised_warm_start(
     return loss.item()
 
 
-def _sft_batch(tok, batch: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and labels (-100 on prompt and padding) for prompt+completion+eos."""
+def _sft_batch(
+    tok, batch: list[tuple[str, str]], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels (-100 on prompt and padding) for prompt+completion+eos.
+
+    Rows longer than `max_len` lose the start of their prompt (long MATH problems would
+    otherwise make every warm-start batch as wide as the longest one).
+    """
     rows, label_rows = [], []
     for prompt, completion in batch:
         p = tok(prompt, add_special_tokens=False).input_ids
         c = [*tok(completion, add_special_tokens=False).input_ids, tok.eos_token_id]
-        rows.append(p + c)
-        label_rows.append([-100] * len(p) + c)
+        rows.append((p + c)[-max_len:])
+        label_rows.append(([-100] * len(p) + c)[-max_len:])
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id)  # (B, L)
     labels = torch.full((len(rows), width), -100)  # (B, L)

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -509,10 +509,18 @@ def check_knobs(cfg: DictConfig) -> None:
     """One-line errors for knob values that make no sense."""
     if not cfg.get("paths"):
         raise ReportError("no PATH given: opo report PATH [PATH ...]")
-    if not 0 <= float(cfg.smoothing) < 1:
-        raise ReportError(f"smoothing must be in [0, 1), got {cfg.smoothing}")
-    if not 0 < float(cfg.last_frac) <= 1:
-        raise ReportError(f"last_frac must be in (0, 1], got {cfg.last_frac}")
+    check_number(cfg, "smoothing", lambda x: 0 <= x < 1, "a number in [0, 1)")
+    check_number(cfg, "last_frac", lambda x: 0 < x <= 1, "a number in (0, 1]")
+    check_number(cfg, "threshold_frac", lambda x: x > 0, "a number > 0")
+    if cfg.get("threshold") is not None:
+        check_number(cfg, "threshold", lambda x: True, "a number, or null")
+
+
+def check_number(cfg: DictConfig, key: str, ok: Callable[[float], bool], allowed: str) -> None:
+    """`cfg[key]` is a finite number (not a bool) for which `ok` holds, else a ReportError."""
+    value = cfg.get(key)
+    if not (is_number(value) and ok(value)):
+        raise ReportError(f"{key}={value} is not allowed: {allowed}")
 
 
 def readable_runs(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
@@ -538,7 +546,10 @@ def report(cfg: DictConfig) -> Path:
     if not runs:
         raise ReportError(f"no run with readable metrics under {', '.join(map(str, cfg.paths))}")
     out = Path(cfg.out_dir) if cfg.get("out_dir") else Path(cfg.paths[0]) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"out_dir={out}: cannot create the report folder ({e.strerror})") from e
 
     labels = varying_labels(runs)
     summary = summarize(runs, labels, cfg)
