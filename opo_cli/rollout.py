@@ -16,11 +16,13 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import LogitsProcessorList
 
 from opo_cli.advantages import uniform_groups
 from opo_cli.config import RolloutSettings
 from opo_cli.data import Problem, PromptSampler
 from opo_cli.rewards import overlong_penalties
+from opo_cli.sampling import SampledTokenLogps, keeps_sampling_logps
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]  # (texts, golds) -> rewards
 
@@ -34,6 +36,8 @@ class Rollout:
     rewards: Tensor  # (N,) float
     texts: list[str]  # decoded completions, special tokens removed
     group_size: int  # G
+    sampling_logps: Tensor | None = None  # (N, Lc) log pi_old of each sampled token, if kept
+    sampling_entropy: Tensor | None = None  # (N, Lc) entropy of each sampling step, if kept
 
     @property
     def completion_len(self) -> int:
@@ -74,12 +78,22 @@ def generate_rollout(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    keep_logps: bool = False,
+    cache_implementation: str = "dynamic",
 ) -> Rollout:
-    """Sample `group_size` completions of each prompt; rewards are filled in by the caller."""
+    """Sample `group_size` completions of each prompt; rewards are filled in by the caller.
+
+    `keep_logps` keeps the log-prob and entropy of every sampled token (`SampledTokenLogps`).
+    `cache_implementation="static"` decodes with a fixed-size KV cache, which `generate`
+    compiles on CUDA; elsewhere the default dynamic cache is used.
+    """
     enc = tok(prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     prompt_ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)  # (N, Lp)
     prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0).to(device)  # (N, Lp)
+    recorder = SampledTokenLogps(prompt_ids.shape[1], temperature) if keep_logps else None
+    static = cache_implementation == "static" and device.type == "cuda"
+    cache = {"cache_implementation": "static"} if static else {}  # else the model's default
     was_training = model.training
     model.eval()
     out = model.generate(
@@ -92,10 +106,13 @@ def generate_rollout(
         max_new_tokens=max_new_tokens,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
+        logits_processor=LogitsProcessorList([recorder] if recorder else []),
+        **cache,
     )
     model.train(was_training)
     completion_ids = out[:, prompt_ids.shape[1] :]  # (N, Lc)
     mask, truncated = completion_mask_from_ids(completion_ids, tok.eos_token_id)
+    kept = recorder.finish(completion_ids, mask) if recorder else (None, None)  # (N, Lc) each
     completion_ids = torch.where(mask.bool(), completion_ids, tok.pad_token_id)  # (N, Lc)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(
@@ -106,10 +123,16 @@ def generate_rollout(
         rewards=torch.zeros(len(texts), device=device),
         texts=texts,
         group_size=group_size,
+        sampling_logps=kept[0],
+        sampling_entropy=kept[1],
     )
 
 
 # ------------------------------------------------------------------ batches of several draws
+
+
+def _pad_right(x: Tensor | None, right: int) -> Tensor | None:
+    return None if x is None else F.pad(x, (0, right), value=0.0)
 
 
 def _pad_rollout(r: Rollout, prompt_len: int, completion_len: int, pad_id: int) -> Rollout:
@@ -121,6 +144,8 @@ def _pad_rollout(r: Rollout, prompt_len: int, completion_len: int, pad_id: int) 
         input_ids=F.pad(r.input_ids, (left, right), value=pad_id),  # (N, Lp' + Lc')
         attention_mask=F.pad(r.attention_mask, (left, right), value=0),  # (N, Lp' + Lc')
         completion_mask=F.pad(r.completion_mask, (0, right), value=0.0),  # (N, Lc')
+        sampling_logps=_pad_right(r.sampling_logps, right),  # (N, Lc') or None
+        sampling_entropy=_pad_right(r.sampling_entropy, right),  # (N, Lc') or None
     )
 
 
@@ -225,6 +250,8 @@ def draw_scored(
         max_new_tokens=r.max_new_tokens,
         temperature=r.temperature,
         top_p=r.top_p,
+        keep_logps=keeps_sampling_logps(r.reuse_sampling_logps, model),
+        cache_implementation=r.cache_implementation,
     )
     golds = [p.answer for p in problems for _ in range(r.group_size)]
     return score_rollout(rollout, golds, reward_fn)

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from opo_cli.batching import micro_batches, micro_logps
 from opo_cli.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint, set_rng_state
 from opo_cli.config import TrainSettings, validate_eval, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
 from opo_cli.errors import UserError, first_line
 from opo_cli.evaluate import held_out_metrics
-from opo_cli.logprobs import completion_logps
 from opo_cli.losses import LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
 from opo_cli.rewards import get_reward
@@ -63,15 +63,28 @@ def load_models(cfg: DictConfig, start: str, initial: str, device, dtype) -> Pol
 
 
 @torch.no_grad()
-def rollout_logps(model, rollout: Rollout, micro: int, temperature: float, with_entropy: bool):
-    """Log-probs (and entropies) of every completion token, micro-batch by micro-batch."""
+def rollout_logps(
+    model,
+    rollout: Rollout,
+    micro: int,
+    temperature: float,
+    with_entropy: bool,
+    tokens: int | None = None,
+):
+    """Log-probs (and entropies) of every completion token, micro-batch by micro-batch.
+
+    Micro-batches hold `micro` rows, or with a token budget `tokens`, as many rows as fit
+    (`opo_cli.batching.micro_batches`).
+    """
     logps, ents = [], []
-    for rows in torch.arange(len(rollout)).split(micro):
-        lp, ent = completion_logps(
+    width = rollout.completion_len
+    for part in micro_batches(rollout.attention_mask, width, rows=micro, tokens=tokens):
+        lp, ent = micro_logps(
             model,
-            rollout.input_ids[rows],
-            rollout.attention_mask[rows],
-            rollout.completion_len,
+            rollout.input_ids,
+            rollout.attention_mask,
+            width,
+            part,
             temperature=temperature,
             with_entropy=with_entropy,
         )
@@ -80,48 +93,49 @@ def rollout_logps(model, rollout: Rollout, micro: int, temperature: float, with_
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)  # (N, Lc), (N, Lc)
 
 
-def backward_minibatch(model, mb: Rollout, old, ref, loss_fn, loss_kwargs, micro, temperature):
+def backward_minibatch(
+    model, mb: Rollout, old, ref, loss_fn, loss_kwargs, micro, temperature, tokens=None
+):
     """Loss of a whole mini-batch and its gradient, accumulated over micro-batches.
 
     The loss sees every row of the mini-batch at once (group statistics need whole groups).
-    With several micro-batches, the gradient w.r.t. the log-probs is taken first, from a
-    no-grad forward, then pushed through each micro-batch's forward (gradient caching): the
-    result equals one big backward, whatever the loss.
+    With several micro-batches (`micro` rows, or as many as the token budget `tokens` fits),
+    the gradient w.r.t. the log-probs is taken first, from a no-grad forward, then pushed
+    through each micro-batch's forward (gradient caching): the result equals one big
+    backward, whatever the loss.
     """
 
     def inputs(logps):
         return LossInputs(logps, old, ref, mb.completion_mask, mb.rewards, mb.group_size)
 
-    if micro >= len(mb):
-        logps, _ = completion_logps(
-            model, mb.input_ids, mb.attention_mask, mb.completion_len, temperature=temperature
-        )
-        loss, stats = loss_fn(inputs(logps), **loss_kwargs)
+    def logps_of(part):
+        ids, mask, width = mb.input_ids, mb.attention_mask, mb.completion_len
+        return micro_logps(model, ids, mask, width, part, temperature=temperature)[0]
+
+    parts = micro_batches(mb.attention_mask, mb.completion_len, rows=micro, tokens=tokens)
+    if len(parts) == 1:
+        loss, stats = loss_fn(inputs(logps_of(parts[0])), **loss_kwargs)
         loss.backward()
         return loss.item(), stats
-    logps, _ = rollout_logps(model, mb, micro, temperature, with_entropy=False)
+    logps, _ = rollout_logps(model, mb, micro, temperature, with_entropy=False, tokens=tokens)
     leaf = logps.requires_grad_()  # (n, Lc)
     loss, stats = loss_fn(inputs(leaf), **loss_kwargs)
     loss.backward()
-    for rows in torch.arange(len(mb)).split(micro):
-        lp, _ = completion_logps(
-            model,
-            mb.input_ids[rows],
-            mb.attention_mask[rows],
-            mb.completion_len,
-            temperature=temperature,
-        )
-        lp.backward(leaf.grad[rows])
+    for part in parts:
+        logps_of(part).backward(leaf.grad[part.rows])
     return loss.item(), stats
 
 
 def optimise(policy: Policy, opt, sched, rollout: Rollout, s: TrainSettings, cfg, step: int):
     """The step's optimisation passes over one rollout; returns the mean of per-update stats."""
     t, model = s.trainer, policy.model
-    micro = t.micro_batch_size or len(rollout)
+    micro, tokens = t.micro_batch_size or len(rollout), t.micro_batch_tokens
     temp = s.rollout.temperature
-    old, entropy = rollout_logps(model, rollout, micro, temp, with_entropy=True)
-    ref = rollout_logps(policy.ref, rollout, micro, temp, False)[0] if policy.ref else None
+    if rollout.sampling_logps is not None:  # kept while sampling: pi_old needs no forward
+        old, entropy = rollout.sampling_logps, rollout.sampling_entropy
+    else:
+        old, entropy = rollout_logps(model, rollout, micro, temp, True, tokens)
+    ref = rollout_logps(policy.ref, rollout, micro, temp, False, tokens)[0] if policy.ref else None
     loss_fn = get_loss(s.loss)
     loss_kwargs = OmegaConf.to_container(cfg.method.loss_kwargs, resolve=True)
     G = rollout.group_size
@@ -136,7 +150,15 @@ def optimise(policy: Policy, opt, sched, rollout: Rollout, s: TrainSettings, cfg
             opt.zero_grad(set_to_none=True)
             mb_ref = ref[rows] if ref is not None else None
             loss, stats = backward_minibatch(
-                model, rollout.rows(rows), old[rows], mb_ref, loss_fn, loss_kwargs, micro, temp
+                model,
+                rollout.rows(rows),
+                old[rows],
+                mb_ref,
+                loss_fn,
+                loss_kwargs,
+                micro,
+                temp,
+                tokens,
             )
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).item()
             if torch.isfinite(torch.tensor([loss, grad_norm])).all():

@@ -155,3 +155,14 @@ def test_sampler_resumes_where_it_stopped():
     b.load_state_dict(a.state_dict())
     assert sorted(first[:5]) == list(range(5))
     assert a.next(6) == b.next(6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["opo", "dpo", "dapo"])
+def test_two_steps_on_cuda_in_bfloat16(method, tmp_path, tiny_cache):
+    cfg = compose_train([f"method={method}", "trainer.device=cuda"], tiny_cache)
+    row = train(cfg, tmp_path / "run")
+    assert all(math.isfinite(row[k]) for k in CONTRACT_KEYS if k != "step")
+    assert row["perf/peak_mem_gb"] > 0
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert final.dtype == torch.bfloat16
