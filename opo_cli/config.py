@@ -23,8 +23,9 @@ class ConfigError(UserError):
 
 
 def _dirname(override_dirname: str) -> str:
-    """Run folder name from the overrides; `default` when there are none."""
-    return override_dirname or "default"
+    """Run folder name from the overrides (a path's `/` becomes `_`: one folder, not a tree);
+    `default` when there are none."""
+    return override_dirname.replace("/", "_") or "default"
 
 
 def _sweep_group() -> str | None:
