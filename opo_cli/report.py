@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opo_cli.errors import UserError
+from opo_cli.tracking import is_number, load_metrics
 
 SKIP_DIRS = {"report", "wandb", "checkpoints", "final"}  # never hold runs; can be large
 NOISE_KEYS = ("hydra", "logger", "trainer.resume", "trainer.save_every", "wandb")
@@ -93,34 +94,6 @@ def find_run_dirs(root: Path) -> Iterator[Path]:
 def natural_key(path: Path) -> list[Any]:
     """Sort key putting `2` before `10` in numbered Hydra multirun folders."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Rows of a metrics.jsonl and the count of damaged lines (cut off, garbage, no step).
-
-    A resumed run may log a step twice; the later row wins. Rows come back sorted by step.
-    """
-    by_step: dict[float, dict[str, Any]] = {}
-    damaged = 0
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                damaged += 1
-                continue
-            if not isinstance(row, dict) or not is_number(row.get("step")):
-                damaged += 1
-                continue
-            by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)], damaged
-
-
-def is_number(x: Any) -> bool:
-    """True for finite ints and floats (bools and NaN excluded)."""
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
@@ -187,7 +160,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
 
 def load_run(run_dir: Path, name: str) -> Run:
     """Read one run folder."""
-    rows, damaged = read_metrics(run_dir / "metrics.jsonl")
+    rows, damaged = load_metrics(run_dir / "metrics.jsonl")
     return Run(
         path=run_dir,
         name=name,

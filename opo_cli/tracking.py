@@ -29,24 +29,44 @@ CONSOLE_KEYS = {  # metric -> short console label
 }
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a damaged line (cut off mid-write) ends the readable part."""
-    rows = []
+def is_number(x) -> bool:
+    """True for finite ints and floats (bools and NaN excluded)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def load_metrics(path: Path) -> tuple[list[dict], int]:
+    """Rows of a metrics.jsonl, sorted by step, and the count of damaged lines (cut off,
+    garbage, no step). A step logged twice (a resumed run) keeps its later row."""
+    by_step: dict[float, dict] = {}
+    damaged = 0
     if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
+        return [], 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                damaged += 1
+                continue
+            if not isinstance(row, dict) or not is_number(row.get("step")):
+                damaged += 1
+                continue
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)], damaged
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The readable rows of a metrics.jsonl (see `load_metrics`)."""
+    return load_metrics(path)[0]
 
 
 class MetricsFile:
     """Append-only metrics.jsonl; on resume, rows after the checkpoint's step are dropped."""
 
     def __init__(self, path: Path, keep_until_step: int):
-        kept = [r for r in read_metrics(path) if r.get("step", math.inf) <= keep_until_step]
+        kept = [r for r in read_metrics(path) if r["step"] <= keep_until_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._f = path.open("a")
 
