@@ -94,7 +94,16 @@ def rollout_logps(
 
 
 def backward_minibatch(
-    model, mb: Rollout, old, ref, loss_fn, loss_kwargs, micro, temperature, tokens=None
+    model,
+    mb: Rollout,
+    old,
+    ref,
+    loss_fn,
+    loss_kwargs,
+    micro,
+    temperature,
+    tokens=None,
+    current=None,
 ):
     """Loss of a whole mini-batch and its gradient, accumulated over micro-batches.
 
@@ -102,7 +111,8 @@ def backward_minibatch(
     With several micro-batches (`micro` rows, or as many as the token budget `tokens` fits),
     the gradient w.r.t. the log-probs is taken first, from a no-grad forward, then pushed
     through each micro-batch's forward (gradient caching): the result equals one big
-    backward, whatever the loss.
+    backward, whatever the loss. `current`, the rows' log-probs under the weights as they
+    are (known on a step's first update, where they are pi_old's), spares that forward.
     """
 
     def inputs(logps):
@@ -117,8 +127,9 @@ def backward_minibatch(
         loss, stats = loss_fn(inputs(logps_of(parts[0])), **loss_kwargs)
         loss.backward()
         return loss.item(), stats
-    logps, _ = rollout_logps(model, mb, micro, temperature, with_entropy=False, tokens=tokens)
-    leaf = logps.requires_grad_()  # (n, Lc)
+    if current is None:
+        current, _ = rollout_logps(model, mb, micro, temperature, False, tokens)
+    leaf = current.detach().clone().requires_grad_()  # (n, Lc)
     loss, stats = loss_fn(inputs(leaf), **loss_kwargs)
     loss.backward()
     for part in parts:
@@ -142,11 +153,11 @@ def optimise(policy: Policy, opt, sched, rollout: Rollout, s: TrainSettings, cfg
     order = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
     updates, skipped = [], 0
     model.train()
-    for _ in range(t.epochs):
-        for groups in torch.randperm(len(rollout) // G, generator=order).tensor_split(
-            t.mini_batches
-        ):
+    for epoch in range(t.epochs):
+        splits = torch.randperm(len(rollout) // G, generator=order).tensor_split(t.mini_batches)
+        for i, groups in enumerate(splits):
             rows = (groups[:, None] * G + torch.arange(G)).flatten()  # (n,) whole groups
+            on_policy = epoch == 0 and i == 0  # no update yet: the policy is still pi_old
             opt.zero_grad(set_to_none=True)
             mb_ref = ref[rows] if ref is not None else None
             loss, stats = backward_minibatch(
@@ -159,6 +170,7 @@ def optimise(policy: Policy, opt, sched, rollout: Rollout, s: TrainSettings, cfg
                 micro,
                 temp,
                 tokens,
+                current=old[rows] if on_policy else None,
             )
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).item()
             if torch.isfinite(torch.tensor([loss, grad_norm])).all():

@@ -166,3 +166,25 @@ def test_two_steps_on_cuda_in_bfloat16(method, tmp_path, tiny_cache):
     assert row["perf/peak_mem_gb"] > 0
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert final.dtype == torch.bfloat16
+
+
+def test_known_current_logps_spare_the_forward_and_keep_the_gradient(tiny_policy):
+    model, tok, problems = tiny_policy
+    torch.manual_seed(1)
+    rollout = generate_rollout(
+        model, tok, [p.prompt for p in problems[:2]], group_size=4, max_new_tokens=4
+    )
+    rollout.rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1])
+    with torch.no_grad():
+        old, _ = completion_logps(
+            model, rollout.input_ids, rollout.attention_mask, rollout.completion_len
+        )
+    grads = []
+    for micro, current in ((len(rollout), None), (3, old)):  # on-policy: current == old
+        model.zero_grad()
+        backward_minibatch(
+            model, rollout, old, None, get_loss("grpo"), {}, micro, 1.0, current=current
+        )
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for full, cached in zip(*grads, strict=True):
+        assert torch.allclose(full, cached, atol=1e-6)
