@@ -32,11 +32,11 @@ from rich.progress import (
 from rich.table import Table
 
 from opo_cli.checkpoint import list_checkpoints
-from opo_cli.config import EvalSettings, check_paths, validate_eval
+from opo_cli.config import EvalSettings, check_paths, looks_local, validate_eval
 from opo_cli.data import Problem, dataset_problems, prompt_texts
 from opo_cli.errors import UserError
 from opo_cli.models import load_policy, pick_device, pick_dtype
-from opo_cli.rewards import _key, _normalise, extract_boxed, get_reward
+from opo_cli.rewards import answer_key, extract_boxed, get_reward
 from opo_cli.rollout import completion_mask_from_ids
 from opo_cli.tracking import console, start_wandb
 
@@ -65,7 +65,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def math_answer_key(response: str) -> str | None:
     """The last boxed answer, normalised as the grader does (\\dfrac -> \\frac, spaces, ...)."""
     answer = extract_boxed(response)
-    return None if answer is None else _key(_normalise(answer))
+    return None if answer is None else answer_key(answer)
 
 
 def exact_answer_key(response: str) -> str | None:
@@ -228,7 +228,7 @@ def resolve_checkpoint(spec: str) -> str:
             f"checkpoint={spec}: not a run folder (no final/ or checkpoints/step_N/) "
             "nor a model folder (no config.json)"
         )
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or path.exists():
+    if looks_local(spec) or spec.count("/") != 1:
         raise UserError(
             f"checkpoint={spec}: no such folder (a run folder, a model folder or owner/name)"
         )

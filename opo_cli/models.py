@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from opo_cli.config import looks_local
 from opo_cli.data import Problem, warm_start_pairs
 from opo_cli.errors import UserError
 
@@ -55,7 +56,7 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer from a hub id or a local folder, ready for left padding."""
     local = Path(name_or_path).expanduser()
-    if (name_or_path.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
+    if looks_local(name_or_path) and not local.is_dir():
         raise ModelLoadError(f"model folder not found: {name_or_path}")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

@@ -149,6 +149,11 @@ def _key(ans: str) -> str:
     return "".join(ans.split())
 
 
+def answer_key(answer: str) -> str:
+    """An extracted answer as the grader's fast path compares it: normalised, no spaces."""
+    return _key(_normalise(answer))
+
+
 # -------------------------------------------------------------------------- grading subprocess
 
 _MAX_ANSWER_CHARS = 2000  # longer "answers" are garbage; never handed to sympy

@@ -14,16 +14,5 @@
 # Extra arguments are Hydra overrides given to every run; a later one wins (logger=none,
 # trainer.steps=50, hydra.launcher.n_jobs=1). SWEEP_DIR names the sweep folder (default
 # outputs/sweeps/alpha_mu_<scale>_<date>_<time>); its name is the W&B group.
-set -euo pipefail
-
-scale=${1:-cpu}
-shift || true
-sweep_dir=${SWEEP_DIR:-outputs/sweeps/alpha_mu_${scale}_$(date +%Y-%m-%d_%H-%M-%S)}
-case $scale in
-  cpu) setup=(model=tiny dataset=arith hydra/launcher=joblib hydra.launcher.n_jobs=2) ;;
-  gpu) setup=(+experiment=paper_exp1) ;;
-  *) echo "usage: $0 [cpu|gpu] [overrides ...]" >&2; exit 2 ;;
-esac
-
-time opo train sweep=alpha_mu "${setup[@]}" "hydra.sweep.dir=$sweep_dir" "$@"
-opo report "$sweep_dir"
+# The work is done by scripts/run_sweep.sh.
+exec "$(dirname "$0")/run_sweep.sh" alpha_mu "$@"

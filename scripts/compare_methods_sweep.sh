@@ -14,16 +14,5 @@
 # Extra arguments are Hydra overrides given to every run; a later one wins (logger=none,
 # seed=0 for one seed, method=opo,grpo for two methods). SWEEP_DIR names the sweep folder
 # (default outputs/sweeps/methods_<scale>_<date>_<time>); its name is the W&B group.
-set -euo pipefail
-
-scale=${1:-cpu}
-shift || true
-sweep_dir=${SWEEP_DIR:-outputs/sweeps/methods_${scale}_$(date +%Y-%m-%d_%H-%M-%S)}
-case $scale in
-  cpu) setup=(model=tiny dataset=arith hydra/launcher=joblib hydra.launcher.n_jobs=2) ;;
-  gpu) setup=(+experiment=paper_exp1) ;;
-  *) echo "usage: $0 [cpu|gpu] [overrides ...]" >&2; exit 2 ;;
-esac
-
-time opo train sweep=methods "${setup[@]}" "hydra.sweep.dir=$sweep_dir" "$@"
-opo report "$sweep_dir"
+# The work is done by scripts/run_sweep.sh.
+exec "$(dirname "$0")/run_sweep.sh" methods "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,10 @@ from hydra import compose, initialize_config_dir
 from opo_cli.config import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-MATH_DIR = REPO.parent / "shared" / "data" / "math"
+MATH_DIR = Path(os.environ.get("OPO_MATH_DIR", REPO.parent / "shared" / "data" / "math"))
+needs_math = pytest.mark.skipif(
+    not (MATH_DIR / "test.jsonl").exists(), reason=f"no MATH data at {MATH_DIR}"
+)
 
 TINY = [  # a run that takes about a second on a CPU
     "logger=none",
@@ -25,11 +29,16 @@ TINY = [  # a run that takes about a second on a CPU
 ]
 
 
+def compose_config(name: str, overrides=(), *, hydra: bool = False):
+    """The real `conf/<name>.yaml` composed with `overrides` (and Hydra's own keys if asked)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(name, overrides=list(overrides), return_hydra_config=hydra)
+
+
 def compose_train(overrides: list[str], cache_dir: Path, *, tiny: bool = True):
     """The real `conf/train.yaml` composed with the tiny overrides, then `overrides`."""
     base = [*TINY, f"model.cache_dir={cache_dir}"] if tiny else ["logger=none"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("train", overrides=[*base, *overrides])
+    return compose_config("train", [*base, *overrides])
 
 
 @pytest.fixture(scope="session")

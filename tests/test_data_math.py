@@ -4,15 +4,12 @@ rows, the seeded held-out split, and prompt formatting. Counts come from the dat
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import opo_cli.config as C
 from opo_cli.data import (
     DataError,
     Problem,
@@ -23,9 +20,7 @@ from opo_cli.data import (
     parse_math_rows,
 )
 from opo_cli.models import train_tokenizer
-
-MATH_DIR = Path(os.environ.get("OPO_MATH_DIR", "/work/shared/data/math"))
-needs_math = pytest.mark.skipif(not (MATH_DIR / "test.jsonl").exists(), reason="no MATH data")
+from tests.conftest import MATH_DIR, compose_config, needs_math
 
 LEVEL3_TEST_BY_SUBJECT = {  # the data README's Level 3 test counts: 1,131 in all
     "Algebra": 261,
@@ -39,8 +34,7 @@ LEVEL3_TEST_BY_SUBJECT = {  # the data README's Level 3 test counts: 1,131 in al
 
 
 def dataset_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
-        return compose("train", overrides=list(overrides)).dataset
+    return compose_config("train", overrides).dataset
 
 
 def row(problem: str, answer: str, level: object = "Level 3", subject: str = "Algebra") -> dict:

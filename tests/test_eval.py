@@ -6,13 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import opo_cli.config as C
@@ -29,9 +27,8 @@ from opo_cli.evaluate import (
     summarise,
 )
 from opo_cli.train import train
+from tests.conftest import MATH_DIR, compose_config, needs_math
 
-MATH_DIR = Path(os.environ.get("OPO_MATH_DIR", "/work/shared/data/math"))
-needs_math = pytest.mark.skipif(not (MATH_DIR / "test.jsonl").exists(), reason="no MATH data")
 TINY = [  # a fast tiny run: 2 prompts x 2 completions of 4 tokens, no warm start
     "model.tiny.warm_start.steps=0",
     "rollout.prompts_per_step=2",
@@ -52,8 +49,7 @@ def one_torch_thread():
 
 
 def compose_cfg(name: str, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
-        return compose(name, overrides=list(overrides))
+    return compose_config(name, overrides)
 
 
 def test_pass_at_k_matches_the_closed_form_by_hand():

@@ -10,19 +10,18 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from opo_cli.rewards import REWARDS, extract_boxed, get_reward, grade_math, score_math
+from tests.conftest import MATH_DIR
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "math"
 HANG_TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
 def test_rows() -> list[dict]:
-    path = DATA / "test.jsonl"
+    path = MATH_DIR / "test.jsonl"
     if not path.exists():
         pytest.skip(f"MATH data not found at {path} (the shared data folder is absent)")
     with path.open() as f:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import opo_cli.config as C
@@ -22,14 +21,14 @@ from opo_cli.rewards import overlong_penalties
 from opo_cli.rollout import Rollout, concat_rollouts, dynamic_sample, mask_truncated
 from opo_cli.tracking import read_metrics
 from opo_cli.train import train
+from tests.conftest import compose_config
 
 METHODS = C.group_options("method")
 PAD = 0
 
 
 def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
-        return compose("train", overrides=list(overrides))
+    return compose_config("train", overrides)
 
 
 # ---------------------------------------------------------------- configs against code

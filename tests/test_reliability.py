@@ -19,16 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-import opo_cli.config as C
 import opo_cli.train as T
 from opo_cli.errors import UserError
 from opo_cli.models import load_policy
 from opo_cli.rollout import generate_rollout
 from opo_cli.stopping import BAD_STEPS_EXIT_CODE, BadStepCounter, Diverged, Interrupted, SignalStop
 from opo_cli.tracking import read_metrics
+from tests.conftest import compose_config
 
 TINY = [
     "rollout.prompts_per_step=2",
@@ -47,8 +46,7 @@ def cache(tmp_path_factory) -> Path:
 
 
 def compose_train(cache: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
-        return compose("train", overrides=[*TINY, f"model.cache_dir={cache}", *overrides])
+    return compose_config("train", [*TINY, f"model.cache_dir={cache}", *overrides])
 
 
 def opo_env(cache: Path, **extra: str) -> dict:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from opo_cli.report import (
@@ -22,14 +21,13 @@ from opo_cli.report import (
     parse_overrides,
     report,
 )
+from tests.conftest import compose_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 STEPS = 20  # steps 1..20; last_frac 0.1 -> final reward = mean of the last 2 rows
 
 
 def compose_report(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("report", overrides=list(overrides))
+    return compose_config("report", overrides)
 
 
 def paths_arg(*paths: Path) -> str:
@@ -107,8 +105,7 @@ def read_csv(path: Path) -> dict[str, dict[str, str]]:
 
 
 def test_config_composes_without_hydra_clutter():
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose("report", return_hydra_config=True)
+    cfg = compose_config("report", hydra=True)
     assert cfg.paths == [] and cfg.out_dir is None and cfg.threshold is None
     assert cfg.hydra.output_subdir is None and cfg.hydra.run.dir == "."
     assert cfg.hydra.job_logging.root.level == "ERROR"  # the `disabled` logging config

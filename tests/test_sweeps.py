@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import opo_cli.config as C
 from opo_cli.cli import check_group_overrides
+from tests.conftest import compose_config
 
 TINY = [  # two steps of a tiny rollout on the untrained tiny model, no W&B
     "trainer.steps=2",
@@ -32,8 +32,7 @@ TINY = [  # two steps of a tiny rollout on the untrained tiny model, no W&B
 
 
 def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:
-    with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+    return compose_config("train", overrides, hydra=hydra)
 
 
 @pytest.fixture
