@@ -365,6 +365,13 @@ LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
 }
 
 
+# Losses whose gradient w.r.t. a row's log-probs depends on that row alone (L = Σ_i f_i(row i),
+# the f_i fixed by rewards and masks): micro-batches of them need no gradient caching
+# (`opo_cli.train.backward_minibatch`). dpo couples each pair, opo_code a group through p;
+# tests check both directions of this declaration.
+ROW_SEPARABLE = frozenset({"opo", "grpo", "dapo", "gspo"})
+
+
 def get_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
     """The loss registered as `name`; a miss names the valid ones."""
     if name not in LOSSES:

@@ -23,7 +23,7 @@ from opo_cli.config import TrainSettings, validate_eval, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
 from opo_cli.errors import UserError, first_line
 from opo_cli.evaluate import held_out_metrics
-from opo_cli.losses import LossInputs, get_loss
+from opo_cli.losses import ROW_SEPARABLE, LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
 from opo_cli.rewards import get_reward
 from opo_cli.rollout import Rollout, sample_batch
@@ -104,15 +104,21 @@ def backward_minibatch(
     temperature,
     tokens=None,
     current=None,
+    separable=False,
 ):
     """Loss of a whole mini-batch and its gradient, accumulated over micro-batches.
 
     The loss sees every row of the mini-batch at once (group statistics need whole groups).
     With several micro-batches (`micro` rows, or as many as the token budget `tokens` fits),
-    the gradient w.r.t. the log-probs is taken first, from a no-grad forward, then pushed
-    through each micro-batch's forward (gradient caching): the result equals one big
-    backward, whatever the loss. `current`, the rows' log-probs under the weights as they
-    are (known on a step's first update, where they are pi_old's), spares that forward.
+    the gradient equals one big backward's, by one of two routes:
+    - `separable` (the loss is in `losses.ROW_SEPARABLE`): each micro-batch's rows go into
+      the loss live, the other rows held at pi_old; their values cannot reach this
+      micro-batch's gradient, so the sum over micro-batches is exact. The loss and stats
+      come from one more loss call on the micro-batches' log-probs, detached.
+    - otherwise (gradient caching): the gradient w.r.t. the log-probs is taken first, from
+      a no-grad forward, then pushed through each micro-batch's forward. `current`, the
+      rows' log-probs under the weights as they are (known on a step's first update, where
+      they are pi_old's), spares that forward.
     """
 
     def inputs(logps):
@@ -126,6 +132,15 @@ def backward_minibatch(
     if len(parts) == 1:
         loss, stats = loss_fn(inputs(logps_of(parts[0])), **loss_kwargs)
         loss.backward()
+        return loss.item(), stats
+    if separable:
+        live = []
+        for part in parts:
+            logps = logps_of(part)  # (m, Lc)
+            loss_fn(inputs(old.index_put((part.rows,), logps)), **loss_kwargs)[0].backward()
+            live.append(logps.detach())
+        with torch.no_grad():
+            loss, stats = loss_fn(inputs(torch.cat(live)), **loss_kwargs)  # parts in row order
         return loss.item(), stats
     if current is None:
         current, _ = rollout_logps(model, mb, micro, temperature, False, tokens)
@@ -171,6 +186,7 @@ def optimise(policy: Policy, opt, sched, rollout: Rollout, s: TrainSettings, cfg
                 temp,
                 tokens,
                 current=old[rows] if on_policy else None,
+                separable=s.loss in ROW_SEPARABLE,
             )
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).item()
             if torch.isfinite(torch.tensor([loss, grad_norm])).all():

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opo_cli.losses import LOSSES, LossInputs, get_loss
+from opo_cli.losses import LOSSES, ROW_SEPARABLE, LossInputs, get_loss
 
 F64 = torch.float64
 
@@ -565,6 +565,22 @@ def test_permutation_within_a_group_permutes_gradients(name, kwargs):
     torch.testing.assert_close(loss_p, loss)
     torch.testing.assert_close(grad_p, grad[perm])
     assert stats_p == pytest.approx(stats)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_row_separable_declaration_is_exact(name, kwargs):
+    # ROW_SEPARABLE licenses micro-batches without gradient caching: a row's gradient must
+    # not move when every other row's log-probs do, and must move for the losses left out.
+    x = random_inputs(3)
+    _, grad, _ = run(name, x, **kwargs)
+    moved = []
+    for i in range(6):
+        others = torch.arange(6) != i
+        shifted = x.logps.detach().clone()
+        shifted[others] += 0.4 * torch.randn(5, 4, generator=torch.Generator().manual_seed(i))
+        y = LossInputs(shifted.requires_grad_(True), x.old_logps, x.ref_logps, x.mask, x.rewards, 3)
+        moved.append(not torch.allclose(run(name, y, **kwargs)[1][i], grad[i]))
+    assert not any(moved) if name in ROW_SEPARABLE else any(moved)
 
 
 # ---------------------------------------------------------------- every loss: group of two

@@ -148,6 +148,43 @@ def test_micro_batched_gradient_equals_one_backward(tiny_policy):
         assert torch.allclose(full, cached, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("opo", {"alpha": 0.3, "mu": 2.0}),
+        ("grpo", {"clip_low": 0.02, "clip_high": 0.02}),
+        ("dapo", {"agg": "token_mean"}),
+        ("gspo", {"clip_low": 0.01, "clip_high": 0.01}),
+    ],
+)
+@pytest.mark.parametrize("micro", [1, 5])
+def test_separable_micro_batches_give_one_backward(tiny_policy, name, kwargs, micro, monkeypatch):
+    model, tok, problems = tiny_policy
+    torch.manual_seed(0)
+    rollout = generate_rollout(
+        model, tok, [p.prompt for p in problems[:3]], group_size=4, max_new_tokens=4
+    )
+    rollout.rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])
+    with torch.no_grad():
+        old, _ = completion_logps(
+            model, rollout.input_ids, rollout.attention_mask, rollout.completion_len
+        )
+    old = old + 0.05 * torch.randn_like(old)  # off-policy: clips bind, the mu term acts
+    results = []
+    for rows, separable in ((len(rollout), False), (micro, True)):
+        model.zero_grad()
+        loss, stats = backward_minibatch(
+            model, rollout, old, None, get_loss(name), kwargs, rows, 1.0, separable=separable
+        )
+        results.append((loss, stats, [p.grad.clone() for p in model.parameters()]))
+        monkeypatch.setattr("opo_cli.train.rollout_logps", None)  # no gradient-caching forward
+    (loss_a, stats_a, grads_a), (loss_b, stats_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-6)
+    assert stats_b == pytest.approx(stats_a, abs=1e-6)
+    for full, split in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(full, split, atol=1e-6)
+
+
 def test_sampler_resumes_where_it_stopped():
     a = PromptSampler(5, seed=3)
     first = a.next(7)  # crosses an epoch boundary
