@@ -85,6 +85,7 @@ class RolloutSettings:
     mask_truncated: bool
     reuse_sampling_logps: bool | None  # pi_old kept while sampling; None: auto (float32 weights)
     cache_implementation: str  # KV cache of generation: dynamic or static (CUDA)
+    share_prefill: bool  # each prompt prefilled once for its G samples (dynamic cache)
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         mask_truncated=_bool(cfg, "method.rollout.mask_truncated"),
         reuse_sampling_logps=_bool_or_auto(cfg, "rollout.reuse_sampling_logps"),
         cache_implementation=_choice(cfg, "rollout.cache_implementation", ("dynamic", "static")),
+        share_prefill=_bool(cfg, "rollout.share_prefill"),
     )
     _require(
         trainer.mini_batches <= rollout.prompts_per_step,

@@ -10,13 +10,14 @@ the method's rollout options (DAPO's dynamic sampling, overlong penalty, truncat
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessorList
 
 from opo_cli.advantages import uniform_groups
 from opo_cli.config import RolloutSettings
@@ -68,6 +69,36 @@ def completion_mask_from_ids(completion_ids: Tensor, eos_id: int) -> tuple[Tenso
     return mask, ~is_eos.any(-1)
 
 
+def cache_argument(model) -> str:
+    """The name of the KV-cache argument of `model`'s forward and `generate`: `cache` in newer
+    transformers (5.24), `past_key_values` in older ones (5.17), where `cache` is unknown."""
+    forward = inspect.signature(type(model).forward)
+    return "cache" if "cache" in forward.parameters else "past_key_values"
+
+
+@torch.no_grad()
+def shared_prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int):
+    """The KV cache of every prompt but its last token, computed once per prompt and repeated
+    for its `group_size` samples: (P, Lp) -> a DynamicCache of N = P * G rows, Lp - 1 long.
+
+    `generate` given this cache and the N full prompts runs only their last token before
+    decoding (its documented prompt reuse); positions count from each row's first real
+    token, as `generate` counts them.
+    """
+    cache = DynamicCache(config=model.config)
+    mask = prompt_mask[:, :-1]  # (P, Lp - 1)
+    model(
+        input_ids=prompt_ids[:, :-1],
+        attention_mask=mask,
+        position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),  # (P, Lp - 1)
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_argument(model): cache},
+    )
+    cache.batch_repeat_interleave(group_size)
+    return cache
+
+
 @torch.no_grad()
 def generate_rollout(
     model,
@@ -80,22 +111,31 @@ def generate_rollout(
     top_p: float = 1.0,
     keep_logps: bool = False,
     cache_implementation: str = "dynamic",
+    share_prefill: bool = True,
 ) -> Rollout:
     """Sample `group_size` completions of each prompt; rewards are filled in by the caller.
 
     `keep_logps` keeps the log-prob and entropy of every sampled token (`SampledTokenLogps`).
     `cache_implementation="static"` decodes with a fixed-size KV cache, which `generate`
-    compiles on CUDA; elsewhere the default dynamic cache is used.
+    compiles on CUDA; elsewhere the default dynamic cache is used. `share_prefill` runs each
+    prompt through the model once for its G samples (`shared_prefill`), with the dynamic
+    cache only: the static one is sized and compiled by `generate` itself.
     """
     enc = tok(prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
-    prompt_ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)  # (N, Lp)
-    prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0).to(device)  # (N, Lp)
+    ids, ids_mask = enc.input_ids.to(device), enc.attention_mask.to(device)  # (P, Lp) x 2
+    prompt_ids = ids.repeat_interleave(group_size, 0)  # (N, Lp)
+    prompt_mask = ids_mask.repeat_interleave(group_size, 0)  # (N, Lp)
     recorder = SampledTokenLogps(prompt_ids.shape[1], temperature) if keep_logps else None
     static = cache_implementation == "static" and device.type == "cuda"
-    cache = {"cache_implementation": "static"} if static else {}  # else the model's default
     was_training = model.training
     model.eval()
+    if static:
+        cache = {"cache_implementation": "static"}
+    elif share_prefill and ids.shape[1] > 1:
+        cache = {cache_argument(model): shared_prefill(model, ids, ids_mask, group_size)}
+    else:
+        cache = {}  # the model's default, every row prefilled
     out = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
@@ -252,6 +292,7 @@ def draw_scored(
         top_p=r.top_p,
         keep_logps=keeps_sampling_logps(r.reuse_sampling_logps, model),
         cache_implementation=r.cache_implementation,
+        share_prefill=r.share_prefill,
     )
     golds = [p.answer for p in problems for _ in range(r.group_size)]
     return score_rollout(rollout, golds, reward_fn)

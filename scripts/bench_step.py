@@ -76,7 +76,17 @@ QWEN3_1_7B = {  # Qwen/Qwen3-1.7B config.json, written out: no download
     "rope_theta": 1_000_000.0,
     "rms_norm_eps": 1e-6,
 }
-ARCHS = {"tiny": None, "qwen3-1.7b": QWEN3_1_7B}
+QWEN3_SMALL = {  # Qwen3's layout at about 40M parameters: CPU checks of the GPU-shape paths
+    **QWEN3_1_7B,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "vocab_size": 32000,
+}
+ARCHS = {"tiny": None, "qwen3-small": QWEN3_SMALL, "qwen3-1.7b": QWEN3_1_7B}
 
 
 @dataclass

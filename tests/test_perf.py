@@ -214,6 +214,46 @@ def test_token_budget_run_logs_the_plain_step(tmp_path, tiny_cache):
     assert_same_step(plain, budget)
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, ["1", "13+15=", "7"]])  # rows of 1 real token
+def test_shared_prefill_samples_what_a_full_prefill_samples(model_and_tok, prompts):
+    model, tok = model_and_tok
+    rollouts = []
+    for share in (False, True):
+        torch.manual_seed(4)
+        rollouts.append(
+            generate_rollout(
+                model,
+                tok,
+                prompts,
+                group_size=3,
+                max_new_tokens=6,
+                keep_logps=True,
+                share_prefill=share,
+            )
+        )
+    full, shared = rollouts
+    assert torch.equal(full.input_ids, shared.input_ids)
+    assert torch.equal(full.attention_mask, shared.attention_mask)
+    assert torch.allclose(full.sampling_logps, shared.sampling_logps, atol=1e-5)
+    assert len(set(map(tuple, shared.input_ids.tolist()))) > len(prompts)  # samples differ
+
+
+def test_shared_prefill_runs_each_prompt_once(model_and_tok, monkeypatch):
+    model, tok = model_and_tok
+    rows = []
+    real_forward = model.forward
+
+    def counting(*args, **kwargs):
+        rows.append(kwargs["input_ids"].shape)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    generate_rollout(model, tok, PROMPTS, group_size=3, max_new_tokens=2)
+    width = tok(PROMPTS, return_tensors="pt", padding=True).input_ids.shape[1]
+    assert rows[0] == (4, width - 1)  # one row per prompt
+    assert rows[1] == (12, 1)  # then G rows per prompt, one new column each
+
+
 # ------------------------------------------------------------------ switches and config
 
 
@@ -235,6 +275,7 @@ def test_static_cache_is_ignored_off_cuda(model_and_tok):
         ("trainer.micro_batch_tokens=0", "trainer.micro_batch_tokens"),
         ("rollout.cache_implementation=paged", "rollout.cache_implementation"),
         ("rollout.reuse_sampling_logps=maybe", "rollout.reuse_sampling_logps"),
+        ("rollout.share_prefill=sometimes", "rollout.share_prefill"),
     ],
 )
 def test_bad_fast_path_values_name_the_key(override, key, tiny_cache):
