@@ -84,6 +84,7 @@ class RolloutSettings:
     overlong_buffer: int  # tokens: round(method.rollout.overlong_buffer_frac * max_new_tokens)
     mask_truncated: bool
     reuse_sampling_logps: bool | None  # pi_old kept while sampling; None: auto (float32 weights)
+    backend: str  # sampler: hf (generate) or opo (opo_cli.decode)
     cache_implementation: str  # KV cache of generation: dynamic or static (CUDA)
     share_prefill: bool  # each prompt prefilled once for its G samples (dynamic cache)
 
@@ -204,6 +205,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         overlong_buffer=_overlong_buffer(cfg, _int(cfg, "rollout.max_new_tokens", 1)),
         mask_truncated=_bool(cfg, "method.rollout.mask_truncated"),
         reuse_sampling_logps=_bool_or_auto(cfg, "rollout.reuse_sampling_logps"),
+        backend=_choice(cfg, "rollout.backend", ("hf", "opo")),
         cache_implementation=_choice(cfg, "rollout.cache_implementation", ("dynamic", "static")),
         share_prefill=_bool(cfg, "rollout.share_prefill"),
     )

@@ -10,18 +10,18 @@ the method's rollout options (DAPO's dynamic sampling, overlong penalty, truncat
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from opo_cli.advantages import uniform_groups
 from opo_cli.config import RolloutSettings
 from opo_cli.data import Problem, PromptSampler
+from opo_cli.decode import cache_argument, decode, shared_prefill
 from opo_cli.rewards import overlong_penalties
 from opo_cli.sampling import SampledTokenLogps, keeps_sampling_logps
 
@@ -69,34 +69,49 @@ def completion_mask_from_ids(completion_ids: Tensor, eos_id: int) -> tuple[Tenso
     return mask, ~is_eos.any(-1)
 
 
-def cache_argument(model) -> str:
-    """The name of the KV-cache argument of `model`'s forward and `generate`: `cache` in newer
-    transformers (5.24), `past_key_values` in older ones (5.17), where `cache` is unknown."""
-    forward = inspect.signature(type(model).forward)
-    return "cache" if "cache" in forward.parameters else "past_key_values"
+def hf_generate(
+    model,
+    tok,
+    ids: Tensor,
+    ids_mask: Tensor,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    keep_logps: bool,
+    cache_implementation: str,
+    share_prefill: bool,
+) -> tuple[Tensor, SampledTokenLogps | None]:
+    """Completion ids (N, Lc) sampled by HF `generate`, and the recorder of their log-probs.
 
-
-@torch.no_grad()
-def shared_prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int):
-    """The KV cache of every prompt but its last token, computed once per prompt and repeated
-    for its `group_size` samples: (P, Lp) -> a DynamicCache of N = P * G rows, Lp - 1 long.
-
-    `generate` given this cache and the N full prompts runs only their last token before
-    decoding (its documented prompt reuse); positions count from each row's first real
-    token, as `generate` counts them.
+    `cache_implementation="static"` decodes with a fixed-size KV cache, which `generate`
+    compiles on CUDA; elsewhere the default dynamic cache is used. `share_prefill` runs each
+    prompt through the model once for its G samples (`shared_prefill`), with the dynamic
+    cache only: the static one is sized and compiled by `generate` itself.
     """
-    cache = DynamicCache(config=model.config)
-    mask = prompt_mask[:, :-1]  # (P, Lp - 1)
-    model(
-        input_ids=prompt_ids[:, :-1],
-        attention_mask=mask,
-        position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),  # (P, Lp - 1)
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_argument(model): cache},
+    prompt_ids = ids.repeat_interleave(group_size, 0)  # (N, Lp)
+    recorder = SampledTokenLogps(ids.shape[1], temperature) if keep_logps else None
+    if cache_implementation == "static" and ids.device.type == "cuda":
+        cache = {"cache_implementation": "static"}
+    elif share_prefill and ids.shape[1] > 1:
+        cache = {cache_argument(model): shared_prefill(model, ids, ids_mask, group_size)}
+    else:
+        cache = {}  # the model's default, every row prefilled
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=ids_mask.repeat_interleave(group_size, 0),  # (N, Lp)
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        logits_processor=LogitsProcessorList([recorder] if recorder else []),
+        **cache,
     )
-    cache.batch_repeat_interleave(group_size)
-    return cache
+    return out[:, ids.shape[1] :], recorder  # (N, Lc)
 
 
 @torch.no_grad()
@@ -110,53 +125,61 @@ def generate_rollout(
     temperature: float = 1.0,
     top_p: float = 1.0,
     keep_logps: bool = False,
+    backend: str = "hf",
     cache_implementation: str = "dynamic",
     share_prefill: bool = True,
 ) -> Rollout:
     """Sample `group_size` completions of each prompt; rewards are filled in by the caller.
 
-    `keep_logps` keeps the log-prob and entropy of every sampled token (`SampledTokenLogps`).
-    `cache_implementation="static"` decodes with a fixed-size KV cache, which `generate`
-    compiles on CUDA; elsewhere the default dynamic cache is used. `share_prefill` runs each
-    prompt through the model once for its G samples (`shared_prefill`), with the dynamic
-    cache only: the static one is sized and compiled by `generate` itself.
+    `backend="hf"` samples with HF `generate` (`hf_generate`, which reads
+    `cache_implementation` and `share_prefill`), `"opo"` with our loop (`opo_cli.decode`:
+    shared prefill always; on CUDA a static cache and CUDA-graph decoding). `keep_logps`
+    keeps the log-prob and entropy of every sampled token.
     """
     enc = tok(prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     ids, ids_mask = enc.input_ids.to(device), enc.attention_mask.to(device)  # (P, Lp) x 2
-    prompt_ids = ids.repeat_interleave(group_size, 0)  # (N, Lp)
-    prompt_mask = ids_mask.repeat_interleave(group_size, 0)  # (N, Lp)
-    recorder = SampledTokenLogps(prompt_ids.shape[1], temperature) if keep_logps else None
-    static = cache_implementation == "static" and device.type == "cuda"
     was_training = model.training
     model.eval()
-    if static:
-        cache = {"cache_implementation": "static"}
-    elif share_prefill and ids.shape[1] > 1:
-        cache = {cache_argument(model): shared_prefill(model, ids, ids_mask, group_size)}
+    if backend == "opo":
+        cuda = device.type == "cuda"
+        completion_ids, *kept = decode(
+            model,
+            ids,
+            ids_mask,
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            temperature=temperature,
+            top_p=top_p,
+            static=cuda,
+            compiled=cuda,
+        )  # (N, Lc) x 3
     else:
-        cache = {}  # the model's default, every row prefilled
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        logits_processor=LogitsProcessorList([recorder] if recorder else []),
-        **cache,
-    )
+        completion_ids, recorder = hf_generate(
+            model,
+            tok,
+            ids,
+            ids_mask,
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            keep_logps=keep_logps,
+            cache_implementation=cache_implementation,
+            share_prefill=share_prefill,
+        )
     model.train(was_training)
-    completion_ids = out[:, prompt_ids.shape[1] :]  # (N, Lc)
     mask, truncated = completion_mask_from_ids(completion_ids, tok.eos_token_id)
-    kept = recorder.finish(completion_ids, mask) if recorder else (None, None)  # (N, Lc) each
+    if backend == "hf":
+        kept = recorder.finish(completion_ids, mask) if recorder else None  # (N, Lc) x 2
+    kept = [k.where(mask.bool(), 0.0) for k in kept] if keep_logps else (None, None)
     completion_ids = torch.where(mask.bool(), completion_ids, tok.pad_token_id)  # (N, Lc)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+    prompt_mask = ids_mask.repeat_interleave(group_size, 0)  # (N, Lp)
     return Rollout(
-        input_ids=torch.cat([prompt_ids, completion_ids], 1),  # (N, Lp + Lc)
+        input_ids=torch.cat([ids.repeat_interleave(group_size, 0), completion_ids], 1),
         attention_mask=torch.cat([prompt_mask, mask.long()], 1),  # (N, Lp + Lc)
         completion_mask=mask,
         truncated=truncated,
@@ -291,6 +314,7 @@ def draw_scored(
         temperature=r.temperature,
         top_p=r.top_p,
         keep_logps=keeps_sampling_logps(r.reuse_sampling_logps, model),
+        backend=r.backend,
         cache_implementation=r.cache_implementation,
         share_prefill=r.share_prefill,
     )
