@@ -119,14 +119,14 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float):
     """One token per row from softmax(logits / T) cut to its top-p nucleus, with the log-prob
     and entropy of the distribution at temperature T: (n, V) -> (n,) x 3."""
     logp = (logits.float() / temperature).log_softmax(-1)  # (n, V)
-    entropy = torch.special.entr(logp.exp()).sum(-1)  # (n,)
-    scores = logp
+    probs = logp.exp()  # (n, V)
+    entropy = torch.special.entr(probs).sum(-1)  # (n,)
     if top_p < 1.0:
-        sorted_p, order = logp.exp().sort(-1, descending=True)  # (n, V)
+        sorted_p, order = probs.sort(-1, descending=True)  # (n, V)
         cut_sorted = sorted_p.cumsum(-1) - sorted_p >= top_p  # (n, V) mass above reached top_p
         cut = torch.empty_like(cut_sorted).scatter_(-1, order, cut_sorted)  # (n, V)
-        scores = logp.masked_fill(cut, -torch.inf)  # (n, V) the top token always stays
-    token = torch.multinomial(scores.softmax(-1), 1).squeeze(-1)  # (n,)
+        probs = probs.masked_fill(cut, 0.0)  # (n, V) the top token always stays
+    token = torch.multinomial(probs, 1).squeeze(-1)  # (n,) multinomial renormalises
     return token, logp.gather(-1, token[:, None]).squeeze(-1), entropy
 
 

@@ -26,8 +26,11 @@ completion tokens/s):
 
     python scripts/bench_step.py --arch tiny --prompts 8 --group 8 --new-tokens 32 --steps 3
 
-On one GPU (the issue's shape: Qwen3-1.7B sizes, bf16; add
-`--ours rollout.cache_implementation=static` for the compiled static-cache decoding):
+`--arch qwen3-small` (Qwen3's layout at about 40M parameters) checks the GPU shape's paths
+(micro-batches, prefill) on a CPU in seconds. On one GPU (the issue's shape: Qwen3-1.7B
+sizes, bf16; add `--ours rollout.backend=opo` for our sampling loop, or
+`--ours rollout.cache_implementation=static` for generate's compiled static-cache decoding;
+`scripts/gpu_check.sh` runs both):
 
     python scripts/bench_step.py --arch qwen3-1.7b --prompts 32 --group 6 --prompt-len 200 \
         --new-tokens 512 --steps 3
