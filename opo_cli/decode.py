@@ -75,8 +75,8 @@ class StaticDecoder:
     """
 
     def __init__(self, model, rows: int, width: int, compiled: bool):
-        self.key = (id(model), rows, width, compiled)
-        self.model = model
+        self.key = (id(model), rows)
+        self.model, self.width, self.compiled = model, width, compiled
         self.cache = StaticCache(config=model.config, max_cache_len=width)
         self.kwargs = {cache_argument(model): self.cache, "use_cache": True, "logits_to_keep": 1}
         self.step = (
@@ -108,10 +108,15 @@ _DECODER: list[StaticDecoder] = []  # the one kept: its cache holds rows x width
 
 
 def static_decoder(model, rows: int, width: int, compiled: bool) -> StaticDecoder:
-    """The kept decoder for this model and shape, or a new one in its place."""
-    if not _DECODER or _DECODER[0].key != (id(model), rows, width, compiled):
-        _DECODER[:] = []  # free the old buffers first
-        _DECODER.append(StaticDecoder(model, rows, width, compiled))
+    """The kept decoder if it fits (same model, rows and mode, at least `width` positions),
+    else a new one in its place: lengths only grow, so a run compiles a few times at most."""
+    kept = _DECODER[0] if _DECODER else None
+    if kept is not None and kept.key[:2] == (id(model), rows) and kept.compiled == compiled:
+        if kept.width >= width:
+            return kept
+        width = max(width, kept.width)
+    _DECODER[:] = []  # free the old buffers first
+    _DECODER.append(StaticDecoder(model, rows, width, compiled))
     return _DECODER[0]
 
 
@@ -163,8 +168,8 @@ def decode(
     N = P * G
     width = Lp + max_new_tokens - 1  # every token fed: the prompt, then all but the last sampled
     if static:
-        width = -(-width // WIDTH_STEP) * WIDTH_STEP
-        step = static_decoder(model, N, width, compiled)
+        step = static_decoder(model, N, -(-width // WIDTH_STEP) * WIDTH_STEP, compiled)
+        width = step.width  # the kept cache may be longer; its mask spans all of it
         step.load(shared_prefill(model, prompt_ids, prompt_mask, 1), G)  # P rows, Lp - 1 long
     else:
         prefix = shared_prefill(model, prompt_ids, prompt_mask, G)  # N rows, Lp - 1 long

@@ -75,21 +75,37 @@ def test_kept_logps_equal_a_recomputed_forward(model_and_tok):
     assert torch.allclose(r.sampling_entropy, ent * m, atol=1e-5)
 
 
+def decode_both(model, tok, prompts, max_new_tokens):
+    """decode() with the dynamic and then the static cache, same seed: two (ids, logps, ent)."""
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kwargs = {"group_size": 2, "eos_id": tok.eos_token_id, "pad_id": 0}
+    outs = []
+    for static in (False, True):
+        torch.manual_seed(3)
+        outs.append(
+            decode(
+                model,
+                enc.input_ids,
+                enc.attention_mask,
+                static=static,
+                max_new_tokens=max_new_tokens,
+                **kwargs,
+            )
+        )
+    return outs
+
+
 def test_static_cache_decodes_what_the_dynamic_one_does_and_is_kept(model_and_tok):
     model, tok = model_and_tok
-    enc = tok(RAGGED, return_tensors="pt", padding=True)
-    args = (model, enc.input_ids, enc.attention_mask)
-    kwargs = {"group_size": 2, "max_new_tokens": 6, "eos_id": tok.eos_token_id, "pad_id": 0}
-    outs = []
-    for static in (False, True, True):  # the second static call reuses the first's buffers
-        torch.manual_seed(3)
-        outs.append(decode(*args, static=static, **kwargs))
-        if static:
-            outs[-1] += (_DECODER[0].cache.layers[0].keys.data_ptr(),)
-    (ids, logps, ent), (ids_s, logps_s, ent_s, ptr), (ids_r, *_, ptr_r) = outs
-    assert torch.equal(ids_s, ids) and torch.equal(ids_r, ids)
-    assert torch.allclose(logps_s, logps, atol=1e-6) and torch.allclose(ent_s, ent, atol=1e-6)
-    assert ptr == ptr_r
+    pointers = []
+    # a first shape; shorter prompts reuse its buffers; a longer rollout grows them once
+    for prompts, new in ((RAGGED, 6), (["1+2="] * 5, 6), (RAGGED, 6), (RAGGED, 200)):
+        (ids, logps, ent), (ids_s, logps_s, ent_s) = decode_both(model, tok, prompts, new)
+        assert torch.equal(ids_s, ids)
+        assert torch.allclose(logps_s, logps, atol=1e-6) and torch.allclose(ent_s, ent, atol=1e-6)
+        pointers.append(_DECODER[0].cache.layers[0].keys.data_ptr())
+    assert pointers[0] == pointers[1] == pointers[2]
+    assert _DECODER[0].width >= 200 and _DECODER[0].width % 128 == 0
 
 
 def test_decoding_stops_once_every_row_has_ended(tiny_cache):
