@@ -1,7 +1,7 @@
 """Our own sampling loop (`rollout.backend=opo`): shared prefill, static KV cache, compiled
 decoding, few host syncs.
 
-Each prompt is run through the model once (`rollout.shared_prefill`'s cache, P rows), its KV
+Each prompt is run through the model once (`shared_prefill`, P rows), its KV
 cache is copied into G rows each, and the N = P * G rows are decoded one token per forward:
 sampling at temperature T with nucleus `top_p`, the log-prob and entropy of each sampled
 token kept (the distribution at temperature T, before top-p, as `SampledTokenLogps` keeps
@@ -11,6 +11,7 @@ them), rows past their EOS fed padding. Whether every row has ended is read back
 `static=True` writes the cache into fixed-size buffers (transformers' `StaticCache`), so
 every decoding forward has the same shapes and addresses; `compiled=True` then runs that
 forward through `torch.compile(mode="reduce-overhead")`, which replays it as a CUDA graph.
+The cache and the compiled forward are kept between rollouts (`static_decoder`).
 `opo_cli.rollout.generate_rollout` uses CUDA: static and compiled; elsewhere the dynamic cache
 in eager mode.
 """
