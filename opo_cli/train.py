@@ -195,6 +195,7 @@ def optimise(policy: Policy, opt, sched, rollout: Rollout, s: TrainSettings, cfg
             else:
                 skipped += 1
             updates.append({"train/loss": loss, "train/grad_norm": grad_norm, **stats})
+    opt.zero_grad(set_to_none=True)  # no gradient held through the next rollout's KV cache
     model.eval()
     mask = rollout.completion_mask
     stats = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}

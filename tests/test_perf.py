@@ -136,6 +136,19 @@ def test_reused_pi_old_skips_its_forward_and_logs_the_same_step(tmp_path, tiny_c
         assert math.isfinite(reused[key]) and reused[key] > 0, key
 
 
+def test_no_gradient_is_held_through_a_rollout(tmp_path, tiny_cache, monkeypatch):
+    held = []
+    sample = T.sample_batch
+
+    def watching(model, *args):
+        held.append(sum(p.grad is not None for p in model.parameters()))
+        return sample(model, *args)
+
+    monkeypatch.setattr(T, "sample_batch", watching)
+    train(compose_train(["trainer.steps=3", "logger=none"], tiny_cache), tmp_path / "run")
+    assert held == [0, 0, 0]  # the gradients of a step's last update are freed after it
+
+
 # ------------------------------------------------------------------ token-budget micro-batches
 
 
