@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
-STATE_FILE = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+from opo_cli.runs import STATE_FILE, list_checkpoints
 
 
 def rng_state() -> dict:
@@ -31,15 +29,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, newest first."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True) if (p / STATE_FILE).exists()]
 
 
 def save_checkpoint(

@@ -154,7 +154,7 @@ def dispatch(argv: list[str]) -> None:
     elif command == "report":
         run_report(args)
     elif command == "eval":
-        from opo_cli.evaluate import check_eval
+        from opo_cli.runs import check_eval
 
         run_hydra_app(eval_app, "eval", args, check_eval)
     else:

@@ -31,14 +31,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from opo_cli.checkpoint import list_checkpoints
-from opo_cli.config import EvalSettings, check_paths, looks_local, validate_eval
+from opo_cli.config import EvalSettings
 from opo_cli.data import Problem, dataset_problems, prompt_texts
-from opo_cli.errors import UserError
+from opo_cli.errors import UserError, first_line
 from opo_cli.models import load_policy, pick_device, pick_dtype
 from opo_cli.rewards import answer_key, extract_boxed, get_reward
 from opo_cli.rollout import completion_mask_from_ids
-from opo_cli.tracking import console, start_wandb
+from opo_cli.runs import check_eval
+from opo_cli.tracking import PLAIN, console, start_wandb
 
 
 @dataclass
@@ -212,29 +212,6 @@ def held_out_metrics(
 # ------------------------------------------------------------------------------------ opo eval
 
 
-def resolve_checkpoint(spec: str) -> str:
-    """The model folder of `checkpoint=`: a run folder's final/ (else its newest
-    checkpoints/step_N), a model folder, or a hub id (owner/name) left as it is."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if (path / "final" / "config.json").is_file():
-            return str(path / "final")
-        saved = list_checkpoints(path)
-        if saved:
-            return str(saved[0])
-        if (path / "config.json").is_file():
-            return str(path)
-        raise UserError(
-            f"checkpoint={spec}: not a run folder (no final/ or checkpoints/step_N/) "
-            "nor a model folder (no config.json)"
-        )
-    if looks_local(spec) or spec.count("/") != 1:
-        raise UserError(
-            f"checkpoint={spec}: no such folder (a run folder, a model folder or owner/name)"
-        )
-    return spec
-
-
 @contextmanager
 def eval_progress(total: int) -> Iterator[Callable[[int], None]]:
     """A rich progress bar over problems; yields the function that advances it."""
@@ -282,23 +259,26 @@ def wandb_metrics(result: dict) -> dict[str, float]:
     return flat
 
 
-def check_eval(cfg: DictConfig) -> tuple[EvalSettings, str]:
-    """The checked `eval.*` settings and the model folder (or hub id) of `checkpoint=`."""
-    s = validate_eval(cfg)
-    check_paths(cfg)
-    if not cfg.checkpoint:
-        raise UserError("checkpoint= is required: a run folder, a model folder or a hub id")
-    return s, resolve_checkpoint(str(cfg.checkpoint))
+def load_first_readable(candidates: list[str], device, dtype, trust: bool):
+    """(path, model, tokenizer) of the first candidate that loads; a damaged checkpoint (a
+    cut-off or corrupt file) is skipped with a one-line warning for the next one, and the
+    last candidate raises as the loader does."""
+    kwargs = {"device": device, "dtype": dtype, "trust_remote_code": trust}
+    for path in candidates[:-1]:
+        try:
+            return path, *load_policy(path, **kwargs)
+        except Exception as e:  # safetensors, JSON and OS errors alike: unusable
+            console.print(f"warning: skipping damaged checkpoint {path}: {first_line(e)}", **PLAIN)
+    return candidates[-1], *load_policy(candidates[-1], **kwargs)
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Evaluate `cfg.checkpoint` on the configured dataset; writes and returns eval.json's dict."""
-    s, model_path = check_eval(cfg)
+    s, candidates = check_eval(cfg)
     problems = dataset_problems(cfg.dataset)[: s.limit]
     device = pick_device(s.device)
-    trust = bool(cfg.eval.trust_remote_code)
-    model, tok = load_policy(
-        model_path, device=device, dtype=pick_dtype(s.dtype, device), trust_remote_code=trust
+    model_path, model, tok = load_first_readable(
+        candidates, device, pick_dtype(s.dtype, device), bool(cfg.eval.trust_remote_code)
     )
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in logs
+PLAIN = {"markup": False, "highlight": False, "soft_wrap": True}  # one console line, verbatim
 
 CONSOLE_KEYS = {  # metric -> short console label
     "train/reward_mean": "reward",

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from opo_cli.batching import micro_batches, micro_logps
-from opo_cli.checkpoint import list_checkpoints, load_trainer_state, save_checkpoint, set_rng_state
+from opo_cli.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
 from opo_cli.config import TrainSettings, validate_eval, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
 from opo_cli.errors import UserError, first_line
@@ -27,8 +27,9 @@ from opo_cli.losses import ROW_SEPARABLE, LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
 from opo_cli.rewards import get_reward
 from opo_cli.rollout import Rollout, sample_batch
+from opo_cli.runs import list_checkpoints
 from opo_cli.stopping import BadStepCounter, Diverged, Interrupted, SignalStop
-from opo_cli.tracking import Tracker, console
+from opo_cli.tracking import PLAIN, Tracker, console
 
 
 @dataclass
@@ -297,9 +298,6 @@ def start_state(cfg, s: TrainSettings, run_dir: Path, initial: str, device, dtyp
             "set trainer.resume=never to start over"
         )
     return fresh_state(cfg, s, initial, initial, device, dtype, n)
-
-
-PLAIN = {"markup": False, "highlight": False, "soft_wrap": True}  # one console line, verbatim
 
 
 def save_state(run_dir: Path, state: RunState, s: TrainSettings) -> Path:

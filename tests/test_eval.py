@@ -23,9 +23,9 @@ from opo_cli.evaluate import (
     majority_correct,
     math_answer_key,
     pass_at_k,
-    resolve_checkpoint,
     summarise,
 )
+from opo_cli.runs import model_candidates
 from opo_cli.train import train
 from tests.conftest import MATH_DIR, compose_config, needs_math
 
@@ -98,20 +98,21 @@ def test_summary_by_hand():
 
 def test_checkpoint_resolution(tmp_path):
     run = tmp_path / "run"
-    for step in (2, 4):  # complete checkpoints hold trainer_state.pt
-        (run / "checkpoints" / f"step_{step}").mkdir(parents=True)
-        (run / "checkpoints" / f"step_{step}" / "trainer_state.pt").write_bytes(b"")
-    assert resolve_checkpoint(str(run)) == str(run / "checkpoints" / "step_4")
+    steps = [run / "checkpoints" / f"step_{step}" for step in (2, 4, 10)]
+    for folder in steps:  # complete checkpoints hold trainer_state.pt
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.pt").write_bytes(b"")
+    assert model_candidates(str(run)) == [str(steps[2]), str(steps[1]), str(steps[0])]
     (run / "final").mkdir()
     (run / "final" / "config.json").write_text("{}")
-    assert resolve_checkpoint(str(run)) == str(run / "final")
-    assert resolve_checkpoint(str(run / "final")) == str(run / "final")  # a model folder
-    assert resolve_checkpoint("Qwen/Qwen3-1.7B") == "Qwen/Qwen3-1.7B"  # a hub id
+    assert model_candidates(str(run)) == [str(run / "final"), *map(str, steps[::-1])]
+    assert model_candidates(str(run / "final")) == [str(run / "final")]  # a model folder
+    assert model_candidates("Qwen/Qwen3-1.7B") == ["Qwen/Qwen3-1.7B"]  # a hub id
     with pytest.raises(UserError, match="no such folder"):
-        resolve_checkpoint(str(tmp_path / "missing"))
+        model_candidates(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a run folder"):
-        resolve_checkpoint(str(tmp_path / "empty"))
+        model_candidates(str(tmp_path / "empty"))
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +185,17 @@ def test_a_missing_checkpoint_is_one_user_error(tmp_path):
         evaluate(compose_cfg("eval", "dataset=arith"), tmp_path / "eval")
     with pytest.raises(C.ConfigError, match=r"eval\.ks=\[1, 4\] is not allowed"):
         C.validate_eval(compose_cfg("eval", "eval.n=2", "eval.ks=[1,4]"))
+
+
+def test_a_damaged_final_model_is_skipped_for_the_newest_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(compose_cfg("train", "trainer.steps=2", f"model.cache_dir={tmp_path}", *TINY), run)
+    weights = run / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut off mid-write
+    cfg = compose_cfg("eval", f"checkpoint={run}", "dataset=arith", "eval.limit=4")
+    result = evaluate(cfg, tmp_path / "eval")
+    assert result["checkpoint"] == str(run / "checkpoints" / "step_2")
+    assert f"skipping damaged checkpoint {run / 'final'}" in capsys.readouterr().err
 
 
 def test_eval_every_adds_eval_metrics_to_the_training_rows(tmp_path):

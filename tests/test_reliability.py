@@ -1,8 +1,8 @@
 """Reliability: bad input ends in one line, faults and interruptions lose no work, no hangs.
 
-Bad inputs run as `opo ...` subprocesses, 4 at a time (each must fail before torch is
-imported, except `opo eval`'s); training faults (a NaN loss, SIGINT/SIGTERM, a damaged
-checkpoint, W&B failing) run the tiny model a few steps on CPU. Run:
+Bad inputs run as `opo ...` subprocesses, 4 at a time (each fails before any model loads;
+of the checks, only the dry call of a loss imports torch); training faults (a NaN loss,
+SIGINT/SIGTERM, a damaged checkpoint, W&B failing) run the tiny model a few steps on CPU. Run:
     pytest tests/test_reliability.py -q              # ~1 min on 2 busy cores
     pytest tests/test_reliability.py -q -m slow      # SIGTERM to a real `opo`, offline W&B
 """
