@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -135,8 +138,36 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+OFFLINE_BY_OPO = "OPO_HUB_UNREACHABLE"  # set beside HF_HUB_OFFLINE when we turned it on
+
+
+def offline_without_hub(timeout_s: float = 5.0) -> None:
+    """HF_HUB_OFFLINE=1 when the hub's host name does not resolve, so that a hub id loads
+    from the local cache or fails at once, instead of after a minute of retried requests.
+    Left alone when HF_HUB_OFFLINE is set or a proxy (which resolves names itself) is."""
+    if "HF_HUB_OFFLINE" in os.environ or any(os.environ.get(v) for v in PROXY_VARS):
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    resolved = []
+
+    def resolve() -> None:
+        try:
+            resolved.append(bool(socket.getaddrinfo(host, 443)))
+        except OSError:
+            resolved.append(False)
+
+    lookup = threading.Thread(target=resolve, daemon=True)  # a broken resolver may hang
+    lookup.start()
+    lookup.join(timeout_s)
+    if not any(resolved):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ[OFFLINE_BY_OPO] = host
+
+
 def main() -> None:
     quiet_libraries()
+    offline_without_hub()
     try:
         dispatch(sys.argv[1:])
     except KeyboardInterrupt:  # a second Ctrl-C during a step, or one before training starts

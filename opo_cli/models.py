@@ -65,6 +65,8 @@ def load_policy(
         )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if host := os.environ.get("OPO_HUB_UNREACHABLE"):
+            first += f" ({host} does not resolve here: hub ids load from the local cache only)"
         raise ModelLoadError(f"cannot load model '{name_or_path}': {first}") from e
     tok.padding_side = "left"
     if tok.pad_token is None:

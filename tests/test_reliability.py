@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import opo_cli.train as T
+from opo_cli import cli
 from opo_cli.errors import UserError
 from opo_cli.models import load_policy
 from opo_cli.rollout import generate_rollout
@@ -388,3 +389,40 @@ def test_generation_stops_at_max_new_tokens(cache):
     assert rollout.completion_len <= 3
     assert rollout.completion_mask.sum(-1).max().item() <= 3  # (N,) tokens per completion
     assert rollout.truncated.any()  # random weights rarely say EOS: the limit did the stopping
+
+
+# ------------------------------------------------------------------ no network to the hub
+
+
+def lookup_that(behaviour):
+    def getaddrinfo(host, port):
+        if behaviour == "fails":
+            raise OSError("Name or service not known")
+        if behaviour == "hangs":
+            time.sleep(5)
+        return [("resolved",)]
+
+    return getaddrinfo
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "env", "offline"),
+    [
+        ("fails", {}, True),
+        ("hangs", {}, True),
+        ("resolves", {}, False),
+        ("fails", {"HTTPS_PROXY": "http://proxy:3128"}, False),  # the proxy resolves names
+        ("fails", {"HF_HUB_OFFLINE": "0"}, False),  # the user's setting wins
+    ],
+)
+def test_an_unresolvable_hub_turns_hub_loading_offline(monkeypatch, behaviour, env, offline):
+    for var in ("HF_HUB_OFFLINE", "OPO_HUB_UNREACHABLE", "HF_ENDPOINT", *cli.PROXY_VARS):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(cli.socket, "getaddrinfo", lookup_that(behaviour))
+    t0 = time.perf_counter()
+    cli.offline_without_hub(timeout_s=0.5)
+    assert time.perf_counter() - t0 < 2.0  # a hanging resolver is not waited for
+    assert (os.environ.get("HF_HUB_OFFLINE") == "1") is offline
+    assert ("OPO_HUB_UNREACHABLE" in os.environ) is offline
