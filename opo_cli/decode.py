@@ -81,9 +81,10 @@ class StaticDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=width)
         self.kwargs = {cache_argument(model): self.cache, "use_cache": True, "logits_to_keep": 1}
         self.step = (
-            torch.compile(self.forward, mode="reduce-overhead") if compiled else self.forward
+            torch.compile(self.forward, mode="reduce-overhead", dynamic=False)
+            if compiled
+            else self.forward
         )
-        self.compiled = compiled
 
     def forward(self, token: Tensor, position: Tensor, mask: Tensor) -> Tensor:
         """Logits of one new token per row: (n, 1) ids and positions, (n, W) mask -> (n, 1, V)."""
