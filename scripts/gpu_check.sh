@@ -17,7 +17,7 @@ fi
 export WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python3 -m pytest -q -p no:cacheprovider -m gpu
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py tests/test_perf.py tests/test_decode.py
 shape=(--arch qwen3-1.7b --prompts 32 --group 6 --prompt-len 200 --new-tokens 512 --steps 2)
 python3 scripts/bench_step.py "${shape[@]}"
 python3 scripts/bench_step.py "${shape[@]}" --only ours --ours rollout.backend=opo
