@@ -1,4 +1,5 @@
-"""Shared test helpers: compose the real config with small overrides (house style)."""
+"""Shared test helpers: compose the real config with small overrides (house style), and a
+random-weight tiny model."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from opo_cli.config import CONF_DIR
+from opo_cli.data import arith_problems
+from opo_cli.models import build_tiny_model, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MATH_DIR = Path(os.environ.get("OPO_MATH_DIR", REPO.parent / "shared" / "data" / "math"))
@@ -39,6 +43,16 @@ def compose_train(overrides: list[str], cache_dir: Path, *, tiny: bool = True):
     """The real `conf/train.yaml` composed with the tiny overrides, then `overrides`."""
     base = [*TINY, f"model.cache_dir={cache_dir}"] if tiny else ["logger=none"]
     return compose_config("train", [*base, *overrides])
+
+
+@pytest.fixture(scope="module")
+def model_and_tok():
+    """A random-weight tiny Llama and the arith tokenizer, float32 on CPU."""
+    tok = train_tokenizer([p.prompt + p.answer for p in arith_problems(19, "+")], 300)
+    sizes = OmegaConf.create(
+        {"hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 4, "max_positions": 64}
+    )
+    return build_tiny_model(sizes, tok, seed=0).eval(), tok
 
 
 @pytest.fixture(scope="session")

@@ -7,25 +7,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from opo_cli.data import arith_problems, load_problems
+from opo_cli.data import load_problems
 from opo_cli.decode import _DECODER, decode, sample_tokens
 from opo_cli.logprobs import completion_logps
-from opo_cli.models import build_tiny_model, load_policy, train_tokenizer
+from opo_cli.models import build_tiny_model, load_policy
 from opo_cli.rollout import generate_rollout
 from opo_cli.train import initial_model_path, train
 from tests.conftest import compose_train
 
 RAGGED = ["1+2=", "13+15=", "7+19=", "0+0=", "1"]  # left padding, and a one-token prompt
-
-
-@pytest.fixture(scope="module")
-def model_and_tok():
-    """A random-weight tiny Llama and the arith tokenizer, float32 on CPU."""
-    tok = train_tokenizer([p.prompt + p.answer for p in arith_problems(19, "+")], 300)
-    sizes = OmegaConf.create(
-        {"hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 4, "max_positions": 64}
-    )
-    return build_tiny_model(sizes, tok, seed=0).eval(), tok
 
 
 def sample(model, tok, prompts, backend, seed=0, **kwargs):
@@ -56,23 +46,6 @@ def test_our_loop_samples_what_generate_samples(model_and_tok, prompts, temperat
     assert torch.allclose(ours.sampling_logps, hf.sampling_logps, atol=1e-6)
     assert torch.allclose(ours.sampling_entropy, hf.sampling_entropy, atol=1e-6)
     assert len(set(ours.texts)) > 1  # the samples differ: the comparison is not vacuous
-
-
-def test_kept_logps_equal_a_recomputed_forward(model_and_tok):
-    model, tok = model_and_tok
-    r = sample(model, tok, RAGGED, "opo", temperature=0.7)
-    with torch.no_grad():
-        logps, ent = completion_logps(
-            model,
-            r.input_ids,
-            r.attention_mask,
-            r.completion_len,
-            temperature=0.7,
-            with_entropy=True,
-        )
-    m = r.completion_mask
-    assert torch.allclose(r.sampling_logps, logps * m, atol=1e-5)
-    assert torch.allclose(r.sampling_entropy, ent * m, atol=1e-5)
 
 
 def decode_both(model, tok, prompts, max_new_tokens):

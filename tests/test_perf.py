@@ -9,15 +9,13 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import opo_cli.train as T
 from opo_cli.batching import MicroBatch, micro_batches
 from opo_cli.config import ConfigError, validate_train
-from opo_cli.data import arith_problems, load_problems
+from opo_cli.data import load_problems
 from opo_cli.logprobs import completion_logps
 from opo_cli.losses import get_loss
-from opo_cli.models import build_tiny_model, train_tokenizer
 from opo_cli.rollout import Rollout, completion_mask_from_ids, generate_rollout
 from opo_cli.sampling import keeps_sampling_logps
 from opo_cli.train import backward_minibatch, initial_model_path, load_models, train
@@ -34,21 +32,12 @@ PERF_KEYS = [
 PROMPTS = ["1+2=", "13+15=", "7+19=", "0+0="]  # 4 to 6 tokens: rows are left-padded
 
 
-@pytest.fixture(scope="module")
-def model_and_tok():
-    """A random-weight tiny Llama and the arith tokenizer, float32 on CPU."""
-    tok = train_tokenizer([p.prompt + p.answer for p in arith_problems(19, "+")], 300)
-    sizes = OmegaConf.create(
-        {"hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 4, "max_positions": 64}
-    )
-    return build_tiny_model(sizes, tok, seed=0).eval(), tok
-
-
 # ------------------------------------------------------------------ kept sampling log-probs
 
 
+@pytest.mark.parametrize("backend", ["hf", "opo"])
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9)])
-def test_kept_sampling_logps_equal_a_recomputed_forward(model_and_tok, temperature, top_p):
+def test_kept_sampling_logps_equal_a_recomputed_forward(model_and_tok, temperature, top_p, backend):
     model, tok = model_and_tok
     torch.manual_seed(0)
     r = generate_rollout(
@@ -60,6 +49,7 @@ def test_kept_sampling_logps_equal_a_recomputed_forward(model_and_tok, temperatu
         temperature=temperature,
         top_p=top_p,
         keep_logps=True,
+        backend=backend,
     )
     with torch.no_grad():
         logps, ent = completion_logps(

@@ -126,7 +126,9 @@ def test_training_logps_equal_sampling_logps_under_left_padding(tiny_policy):
     assert torch.allclose(trained, sampled, atol=1e-5)
 
 
-def test_micro_batched_gradient_equals_one_backward(tiny_policy):
+def off_policy_rollout(tiny_policy):
+    """Three groups of four sampled by the tiny policy, and a pi_old 0.05 off its log-probs
+    (so that ratios are not 1: clips bind, OPO's mu term acts)."""
     model, tok, problems = tiny_policy
     torch.manual_seed(0)
     rollout = generate_rollout(
@@ -137,7 +139,11 @@ def test_micro_batched_gradient_equals_one_backward(tiny_policy):
         old, _ = completion_logps(
             model, rollout.input_ids, rollout.attention_mask, rollout.completion_len
         )
-    old = old + 0.05 * torch.randn_like(old)  # off-policy, so the mu term acts too
+    return model, rollout, old + 0.05 * torch.randn_like(old)
+
+
+def test_micro_batched_gradient_equals_one_backward(tiny_policy):
+    model, rollout, old = off_policy_rollout(tiny_policy)
     kwargs = {"alpha": 0.3, "mu": 2.0}
     grads = []
     for micro in (len(rollout), 5):
@@ -159,17 +165,7 @@ def test_micro_batched_gradient_equals_one_backward(tiny_policy):
 )
 @pytest.mark.parametrize("micro", [1, 5])
 def test_separable_micro_batches_give_one_backward(tiny_policy, name, kwargs, micro, monkeypatch):
-    model, tok, problems = tiny_policy
-    torch.manual_seed(0)
-    rollout = generate_rollout(
-        model, tok, [p.prompt for p in problems[:3]], group_size=4, max_new_tokens=4
-    )
-    rollout.rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])
-    with torch.no_grad():
-        old, _ = completion_logps(
-            model, rollout.input_ids, rollout.attention_mask, rollout.completion_len
-        )
-    old = old + 0.05 * torch.randn_like(old)  # off-policy: clips bind, the mu term acts
+    model, rollout, old = off_policy_rollout(tiny_policy)
     results = []
     for rows, separable in ((len(rollout), False), (micro, True)):
         model.zero_grad()
