@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from opo_cli.config import CONF_DIR, group_options, validate_train
+from opo_cli.config import CONF_DIR, HUB_UNREACHABLE, group_options, validate_train
 from opo_cli.errors import UserError
 from opo_cli.overrides import check_overrides, folded_errors
 from opo_cli.stopping import Diverged, Interrupted
@@ -139,7 +139,6 @@ def quiet_libraries() -> None:
 
 
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-OFFLINE_BY_OPO = "OPO_HUB_UNREACHABLE"  # set beside HF_HUB_OFFLINE when we turned it on
 
 
 def offline_without_hub(timeout_s: float = 5.0) -> None:
@@ -162,7 +161,7 @@ def offline_without_hub(timeout_s: float = 5.0) -> None:
     lookup.join(timeout_s)
     if not any(resolved):
         os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ[OFFLINE_BY_OPO] = host
+        os.environ[HUB_UNREACHABLE] = host  # beside HF_HUB_OFFLINE: we turned it on
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from opo_cli.errors import UserError
+from opo_cli.errors import UserError, first_line
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -167,6 +167,9 @@ def check_paths(cfg: DictConfig) -> None:
         )
 
 
+HUB_UNREACHABLE = "OPO_HUB_UNREACHABLE"  # env: the hub host named in it did not resolve
+
+
 def looks_local(name_or_path: str) -> bool:
     """A path rather than a hub id: starts with `.`, `/` or `~`, or exists on disk."""
     return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
@@ -244,7 +247,7 @@ def check_loss_kwargs(loss: str, loss_kwargs: DictConfig) -> None:
     try:
         LOSSES[loss](dry, **kwargs)
     except (TypeError, ValueError) as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = first_line(e)
         raise ConfigError(f"method.loss_kwargs of '{loss}': {detail}") from e
 
 

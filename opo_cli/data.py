@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from opo_cli.errors import UserError
+from opo_cli.errors import UserError, first_line
 from opo_cli.rewards import extract_boxed
 from opo_cli.tracking import console
 
@@ -163,7 +163,7 @@ def hub_rows(name: str, split: str) -> list[object]:
     try:
         return list(datasets.load_dataset(name, split=split))
     except Exception as e:  # offline, no such dataset or split, bad files: one line for all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(
             f"cannot load dataset '{name}' split '{split}': {first} "
             "(dataset.path=FILE reads a local copy)"

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache, StaticCache
 
+from opo_cli.logprobs import positions
+
 CHECK_EVERY = 16  # tokens between the reads of "has every row ended"
 
 
@@ -34,11 +36,6 @@ def cache_argument(model) -> str:
     transformers (5.24), `past_key_values` in older ones (5.17), where `cache` is unknown."""
     forward = inspect.signature(type(model).forward)
     return "cache" if "cache" in forward.parameters else "past_key_values"
-
-
-def positions(mask: Tensor) -> Tensor:
-    """Position of each column counted from the row's first real token: (n, L) -> (n, L)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -79,7 +76,7 @@ class StaticDecoder:
         self.key = (id(model), rows)
         self.model, self.width, self.compiled = model, width, compiled
         self.cache = StaticCache(config=model.config, max_cache_len=width)
-        self.kwargs = {cache_argument(model): self.cache, "use_cache": True, "logits_to_keep": 1}
+        self.kwargs = cache_kwargs(model, self.cache)
         self.step = (
             torch.compile(self.forward, mode="reduce-overhead", dynamic=False)
             if compiled
@@ -87,9 +84,7 @@ class StaticDecoder:
         )
 
     def forward(self, token: Tensor, position: Tensor, mask: Tensor) -> Tensor:
-        """Logits of one new token per row: (n, 1) ids and positions, (n, W) mask -> (n, 1, V)."""
-        out = self.model(input_ids=token, attention_mask=mask, position_ids=position, **self.kwargs)
-        return out.logits
+        return one_token(self.model, self.kwargs, token, position, mask)
 
     def load(self, prefix: DynamicCache, group_size: int) -> None:
         """Empty the buffers, then write `prefix`'s keys and values (P rows) at positions
@@ -113,10 +108,8 @@ def static_decoder(model, rows: int, width: int, compiled: bool) -> StaticDecode
     """The kept decoder if it fits (same model, rows and mode, at least `width` positions),
     else a new one in its place: lengths only grow, so a run compiles a few times at most."""
     kept = _DECODER[0] if _DECODER else None
-    if kept is not None and kept.key[:2] == (id(model), rows) and kept.compiled == compiled:
-        if kept.width >= width:
-            return kept
-        width = max(width, kept.width)
+    if kept and kept.key == (id(model), rows) and kept.compiled == compiled and kept.width >= width:
+        return kept
     _DECODER[:] = []  # free the old buffers first
     _DECODER.append(StaticDecoder(model, rows, width, compiled))
     return _DECODER[0]
@@ -137,10 +130,15 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float):
     return token, logp.gather(-1, token[:, None]).squeeze(-1), entropy
 
 
-def dynamic_step(model, cache: DynamicCache, token: Tensor, position: Tensor, mask: Tensor):
-    """Logits of one new token per row, the dynamic cache growing by one position: -> (n, 1, V)."""
-    kwargs = {cache_argument(model): cache, "use_cache": True, "logits_to_keep": 1}
+def one_token(model, kwargs: dict, token: Tensor, position: Tensor, mask: Tensor) -> Tensor:
+    """Logits of one new token per row, written into the cache in `kwargs`: (n, 1) ids and
+    positions, (n, W) mask -> (n, 1, V)."""
     return model(input_ids=token, attention_mask=mask, position_ids=position, **kwargs).logits
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The forward's arguments for decoding into `cache`, one token's logits kept."""
+    return {cache_argument(model): cache, "use_cache": True, "logits_to_keep": 1}
 
 
 @torch.no_grad()
@@ -175,7 +173,7 @@ def decode(
         step.load(shared_prefill(model, prompt_ids, prompt_mask, 1), G)  # P rows, Lp - 1 long
     else:
         prefix = shared_prefill(model, prompt_ids, prompt_mask, G)  # N rows, Lp - 1 long
-        step = functools.partial(dynamic_step, model, prefix)
+        step = functools.partial(one_token, model, cache_kwargs(model, prefix))
     mask = torch.ones(N, width, dtype=prompt_mask.dtype, device=prompt_mask.device)  # (N, W)
     mask[:, :Lp] = prompt_mask.repeat_interleave(G, 0)
     start = positions(prompt_mask)[:, -1].repeat_interleave(G, 0)[:, None]  # (N, 1)

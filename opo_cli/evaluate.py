@@ -33,12 +33,12 @@ from rich.table import Table
 
 from opo_cli.config import EvalSettings
 from opo_cli.data import Problem, dataset_problems, prompt_texts
-from opo_cli.errors import UserError, first_line
+from opo_cli.errors import UserError
 from opo_cli.models import load_policy, pick_device, pick_dtype
 from opo_cli.rewards import answer_key, extract_boxed, get_reward
 from opo_cli.rollout import completion_mask_from_ids
 from opo_cli.runs import check_eval
-from opo_cli.tracking import PLAIN, console, start_wandb
+from opo_cli.tracking import console, start_wandb, warn_damaged
 
 
 @dataclass
@@ -268,7 +268,7 @@ def load_first_readable(candidates: list[str], device, dtype, trust: bool):
         try:
             return path, *load_policy(path, **kwargs)
         except Exception as e:  # safetensors, JSON and OS errors alike: unusable
-            console.print(f"warning: skipping damaged checkpoint {path}: {first_line(e)}", **PLAIN)
+            warn_damaged(path, e)
     return candidates[-1], *load_policy(candidates[-1], **kwargs)
 
 

@@ -58,6 +58,11 @@ def token_entropy(logits: Tensor, chunk: int = CHUNK_ROWS) -> Tensor:
     return out.view(logits.shape[:-1])
 
 
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position of each column counted from the row's first real token: (n, L) -> (n, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def completion_logps(
     model,
     input_ids: Tensor,
@@ -72,11 +77,10 @@ def completion_logps(
     Rows are left-padded prompts followed by completions: (N, L) -> (N, Lc), (N, Lc).
     Positions count from each row's first real token, as in generation.
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, L)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
+        position_ids=positions(attention_mask),  # (N, L)
         logits_to_keep=completion_len + 1,
         use_cache=False,
     )

@@ -28,9 +28,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from opo_cli.config import looks_local
+from opo_cli.config import HUB_UNREACHABLE, looks_local
 from opo_cli.data import Problem, warm_start_pairs
-from opo_cli.errors import UserError
+from opo_cli.errors import UserError, first_line
 
 console = Console(stderr=True)
 
@@ -64,8 +64,8 @@ def load_policy(
             name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if host := os.environ.get("OPO_HUB_UNREACHABLE"):
+        first = first_line(e)
+        if host := os.environ.get(HUB_UNREACHABLE):
             first += f" ({host} does not resolve here: hub ids load from the local cache only)"
         raise ModelLoadError(f"cannot load model '{name_or_path}': {first}") from e
     tok.padding_side = "left"

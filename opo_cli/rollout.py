@@ -172,9 +172,10 @@ def generate_rollout(
         )
     model.train(was_training)
     mask, truncated = completion_mask_from_ids(completion_ids, tok.eos_token_id)
-    if backend == "hf":
-        kept = recorder.finish(completion_ids, mask) if recorder else None  # (N, Lc) x 2
-    kept = [k.where(mask.bool(), 0.0) for k in kept] if keep_logps else (None, None)
+    if backend == "hf":  # decode() zeroes them past EOS itself
+        kept = recorder.finish(completion_ids, mask) if recorder else (None, None)  # (N, Lc) x 2
+    elif not keep_logps:
+        kept = (None, None)
     completion_ids = torch.where(mask.bool(), completion_ids, tok.pad_token_id)  # (N, Lc)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
     prompt_mask = ids_mask.repeat_interleave(group_size, 0)  # (N, Lp)

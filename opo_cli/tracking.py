@@ -16,8 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from opo_cli.errors import first_line
+
 console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in logs
 PLAIN = {"markup": False, "highlight": False, "soft_wrap": True}  # one console line, verbatim
+
+
+def warn_damaged(folder, error: BaseException) -> None:
+    """The one-line warning for a checkpoint that does not load and is passed over."""
+    console.print(f"warning: skipping damaged checkpoint {folder}: {first_line(error)}", **PLAIN)
+
 
 CONSOLE_KEYS = {  # metric -> short console label
     "train/reward_mean": "reward",

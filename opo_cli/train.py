@@ -21,7 +21,7 @@ from opo_cli.batching import micro_batches, micro_logps
 from opo_cli.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
 from opo_cli.config import TrainSettings, validate_eval, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
-from opo_cli.errors import UserError, first_line
+from opo_cli.errors import UserError
 from opo_cli.evaluate import held_out_metrics
 from opo_cli.losses import ROW_SEPARABLE, LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
@@ -29,7 +29,7 @@ from opo_cli.rewards import get_reward
 from opo_cli.rollout import Rollout, sample_batch
 from opo_cli.runs import list_checkpoints
 from opo_cli.stopping import BadStepCounter, Diverged, Interrupted, SignalStop
-from opo_cli.tracking import PLAIN, Tracker, console
+from opo_cli.tracking import PLAIN, Tracker, console, warn_damaged
 
 
 @dataclass
@@ -287,8 +287,7 @@ def start_state(cfg, s: TrainSettings, run_dir: Path, initial: str, device, dtyp
         try:
             state = resumed_state(folder, cfg, s, initial, device, dtype, n)
         except Exception as e:  # safetensors, zip, pickle and OS errors alike: unusable
-            warning = f"warning: skipping damaged checkpoint {folder}: {first_line(e)}"
-            console.print(warning, **PLAIN)
+            warn_damaged(folder, e)
             continue
         console.print(f"resuming from {folder} (step {state.step})", **PLAIN)
         return state
