@@ -428,7 +428,7 @@ def opo_code_loss(
         vocab_size=vocab_size,
     )
     if not use_adaptive_tau:
-        temp = torch.tensor(tau, dtype=delta.dtype)  # ()
+        temp = delta.new_tensor(tau)  # ()
     scores = delta / temp  # (N,) anchored scores u
     if clip_anchored_score > 0:
         scores = scores.clamp(-clip_anchored_score, clip_anchored_score)  # (N,)
