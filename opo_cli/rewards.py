@@ -2,11 +2,13 @@
 
 `grade_math` / `score_math` grade MATH answers: the last `\\boxed{}` of the response against the
 last `\\boxed{}` of the gold solution (or the gold itself when it is a bare answer). Equal
-strings after light normalisation pass at once; everything else goes to math-verify, which runs
-in a small pool of grading subprocesses. Each case has a hard time limit: a worker that overruns
-it is killed and replaced, so a pathological answer (say `9^{9^{9^{9}}}`, which sympy tries to
-expand inside C code that no signal can interrupt) costs one case, never the run. The parent
-process never imports sympy and never evaluates model text.
+strings after normalisation pass at once; plain decimals, times of day and numerals in a base
+are decided here; everything else goes to math-verify, which runs in a small pool of grading
+subprocesses. A number never equals an expression in a variable (docs/math.md, "Grading").
+Each case has a hard time limit: a worker that overruns it is killed and replaced, so a
+pathological answer (say `9^{9^{9^{9}}}`, which sympy tries to expand inside C code that no
+signal can interrupt) costs one case, never the run. The parent process never imports sympy
+and never evaluates model text.
 
     from opo_cli.rewards import grade_math, score_math
     grade_math(r"so $x=\\boxed{\\dfrac12}$", r"... hence $\\boxed{0.5}$.")   # True
@@ -127,8 +129,8 @@ def _repeating_decimal(ans: str) -> str:
 
 def _strip_unit(ans: str) -> str:
     """10\\text{ cm}^2 -> 10, 5 square units -> 5; the value is kept whole or nothing changes."""
-    for pattern in (_TEXT_UNIT, _WORD_UNIT):
-        m = pattern.search(ans) if ("\\" in ans or pattern is _WORD_UNIT) else None
+    for pattern in (_TEXT_UNIT, _WORD_UNIT) if "\\" in ans else (_WORD_UNIT,):
+        m = pattern.search(ans)
         if m is not None:
             value = ans[: m.start()].rstrip()
             if value and value[-1] not in "^_{" and "\\text" not in value and "\\mbox" not in value:
@@ -199,7 +201,7 @@ def _same_decimal(pred: str, ref: str) -> bool | None:
     return Fraction(pred) == Fraction(ref)
 
 
-_NUMERAL = re.compile(r"^([0-9A-Za-z]+)(?:_\{?(\d{1,2})\}?)?$")
+_NUMERAL = re.compile(r"^(?=[0-9A-Za-z]*\d)([0-9A-Za-z]+)(?:_\{?(\d{1,2})\}?)?$")  # x_1: no
 
 
 def _same_numeral(pred: str, ref: str) -> bool | None:
@@ -267,13 +269,13 @@ def _read_plain_commas(ans: str, as_list: bool) -> str:
     if "," not in ans:
         return ans
 
-    def read(m: re.Match) -> str:
-        depth = sum((c in "([{") - (c in ")]}") for c in ans[: m.start()])
-        if depth != 0:
-            return m[0]
-        return m[0].replace(",", ", ") if as_list else m[0].replace(",", "")
-
-    return _PLAIN_THOUSANDS.sub(read, ans)
+    out, depth, end = [], 0, 0
+    for m in _PLAIN_THOUSANDS.finditer(ans):
+        gap = ans[end : m.start()]
+        depth += sum(gap.count(c) for c in "([{") - sum(gap.count(c) for c in ")]}")
+        out += [gap, m[0] if depth else m[0].replace(",", ", " if as_list else "")]
+        end = m.end()
+    return "".join([*out, ans[end:]])
 
 
 def _is_list(ans: str) -> bool:
@@ -522,6 +524,8 @@ def _triage(response: str, gold: str, fast_path: bool) -> bool | tuple[str, str]
     pred, ref = _tuple_as_column(pred, ref), _tuple_as_column(ref, pred)
     if fast_path and _key(pred) == _key(ref):
         return True
+    if len(pred) > _MAX_ANSWER_CHARS or len(ref) > _MAX_ANSWER_CHARS:
+        return False
     same_decimal = _same_decimal(pred, ref)
     if same_decimal is not None:
         return same_decimal
@@ -531,8 +535,6 @@ def _triage(response: str, gold: str, fast_path: bool) -> bool | tuple[str, str]
     same_numeral = _same_numeral(pred, ref)
     if same_numeral is not None:
         return same_numeral
-    if len(pred) > _MAX_ANSWER_CHARS or len(ref) > _MAX_ANSWER_CHARS:
-        return False
     return pred, ref
 
 

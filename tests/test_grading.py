@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -359,6 +360,35 @@ def test_near_misses_of_level3_golds_are_wrong(level3_golds, data):
     assert not graded_right, f"near misses graded right (mutation, gold, response): {graded_right}"
 
 
+# ------------------------------------------------------- the labelled set of docs/math.md
+
+LABELLED = Path(__file__).parent / "data" / "math_answers.jsonl"
+# the one documented disagreement: a plain comma between digit groups read the wrong way
+KNOWN_WRONG = {("61,328", "61, 328"), ("70,110", "70110")}
+
+
+@pytest.fixture(scope="module")
+def labelled() -> list[dict]:
+    with LABELLED.open() as f:
+        return [json.loads(line) for line in f]
+
+
+def test_labelled_set_is_graded_as_labelled(labelled):
+    scores = score_math([r["response"] for r in labelled], [r["gold"] for r in labelled])
+    wrong = {
+        (r["gold"], extract_boxed(r["response"]))
+        for r, s in zip(labelled, scores, strict=True)
+        if (s == 1.0) != r["right"]
+    }
+    assert wrong == KNOWN_WRONG
+
+
+def test_labelled_golds_are_the_math_answers(labelled, test_rows):
+    for r in labelled:
+        if r["line"] is not None:
+            assert extract_boxed(test_rows[r["line"]]["solution"]) == r["gold"], r
+
+
 # Known limitation of the contract "the gold's last box is the answer": these solutions box
 # several answers that together (or each) are correct, so a right response is graded wrong.
 @pytest.mark.xfail(strict=True, reason="gold solution boxes several answers; only the last counts")
@@ -430,6 +460,7 @@ def test_huge_garbage_is_fast():
     assert not grade_math("x" * 1_000_000, "1")
     assert not grade_math(r"\boxed{" + "{" * 100_000, "1")
     assert not grade_math(r"\boxed{" + "1+" * 100_000 + "1}", "1")  # too long to be an answer
+    assert not grade_math(r"\boxed{" + "1,000+(" * 20_000 + "}", "1")  # digit groups, brackets
     assert time.perf_counter() - start < 1.0
 
 
