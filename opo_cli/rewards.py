@@ -102,17 +102,14 @@ _DROP = [  # (pattern, replacement): presentation only, never the value
     (re.compile(r"(?<=\d)i(?![A-Za-z])"), " i"),  # 0.2i -> 0.2 i: math-verify's cue for complex i
 ]
 _REPEATING = re.compile(r"^(-?)(\d*)\.(\d*)\\overline\{(\d{1,30})\}$")
-# a unit after a value: 10\text{ cm}, 144 \mbox{ m}^3, 5 square units; words only, never one
-# letter in math mode (4t is 4 times t) and never the imaginary unit or e
+# a unit after a value: 10\text{ cm}, 144 \mbox{ m}^3, 25 students; words only, never one letter
+# in math mode (4t is 4 times t) and never the imaginary unit or e. No MATH gold ends in a plain
+# word of three or more small letters after a space, so such a word is a unit, not variables
 _TEXT_UNIT = re.compile(
     r"\\(?:text|textrm|mbox|mathrm)\s*\{\s*(?!(?:i|e)\s*\})[A-Za-z][A-Za-z.\s]*\}"
     r"(?:\s*\^\s*\{?\d\}?)?\s*\.?$"
 )
-_WORD_UNIT = re.compile(
-    r"\s(?:(?:square|sq\.?|cubic)\s+)?(?:units?|degrees?|cm|mm|km|kg|ft|feet|foot|inch(?:es)?"
-    r"|yards?|miles?|mph|(?:centi|milli|kilo)?met(?:er|re)s?|dollars?|cents?|pounds?|grams?"
-    r"|hours?|minutes?|seconds?|days?|weeks?|months?|years?)(?:\s*\^\s*\{?\d\}?)?$"
-)
+_WORD_UNIT = re.compile(r"(?:\s+(?:[a-z]{3,}|cm|mm|km|kg|ft|sq\.?)){1,3}(?:\s*\^\s*\{?\d\}?)?$")
 _TEXT_LIST = re.compile(r"^\\(?:text|textbf|mbox)\s*\{([^{}]*,[^{}]*)\}$")
 
 
@@ -190,7 +187,7 @@ def _is_time_of_day(ans: str) -> bool:
     return ans.startswith("\\text{") and _CLOCK.match(_key(ans[6:-1])) is not None
 
 
-_DECIMAL = re.compile(r"^-?(?:\d+\.?\d*|\.\d+)$")
+_DECIMAL = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
 
 
 def _same_decimal(pred: str, ref: str) -> bool | None:
@@ -201,11 +198,11 @@ def _same_decimal(pred: str, ref: str) -> bool | None:
     return Fraction(pred) == Fraction(ref)
 
 
-_NUMERAL = re.compile(r"^(?=[0-9A-Za-z]*\d)([0-9A-Za-z]+)(?:_\{?(\d{1,2})\}?)?$")  # x_1: no
+_NUMERAL = re.compile(r"^(?=-?[0-9A-Za-z.]*\d)(-?[0-9A-Za-z.]+)(?:_\{?(\d{1,2})\}?)?$")  # x_1: no
 
 
 def _same_numeral(pred: str, ref: str) -> bool | None:
-    """None unless one side is a numeral with a base (25_6, 40_{9}); then whether the other is
+    """None unless one side is a numeral with a base (25_6, -0.11_{2}); then whether the other is
     that numeral, in the same base or with no base written (math-verify drops the base)."""
     p, r = _NUMERAL.match(pred), _NUMERAL.match(ref)
     if not ((p and p[2]) or (r and r[2])):

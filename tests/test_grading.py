@@ -461,6 +461,7 @@ def test_huge_garbage_is_fast():
     assert not grade_math(r"\boxed{" + "{" * 100_000, "1")
     assert not grade_math(r"\boxed{" + "1+" * 100_000 + "1}", "1")  # too long to be an answer
     assert not grade_math(r"\boxed{" + "1,000+(" * 20_000 + "}", "1")  # digit groups, brackets
+    assert not grade_math(r"\boxed{5" + " abc" * 50_000 + " 1}", "5")  # words, not a unit
     assert time.perf_counter() - start < 1.0
 
 
