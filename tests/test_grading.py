@@ -350,6 +350,7 @@ def _near_misses(golds_by_kind: dict[str, list[str]]) -> st.SearchStrategy:
     max_examples=12,  # x 50 near misses, graded as one batch (the pool runs them in parallel)
     deadline=None,
     derandomize=True,  # the same sample on every run: CI never meets a new case by chance
+    database=None,  # nothing to replay, nothing written to .hypothesis/
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(data=st.data())
