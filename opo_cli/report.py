@@ -40,7 +40,7 @@ from rich.table import Table
 from opo_cli.errors import UserError
 from opo_cli.tracking import is_number, load_metrics
 
-SKIP_DIRS = {"report", "wandb", "checkpoints", "final"}  # never hold runs; can be large
+SKIP_DIRS = {"report", "wandb", "checkpoints", "final", "replaced"}  # no runs; can be large
 NOISE_KEYS = ("hydra", "logger", "trainer.resume", "trainer.save_every", "wandb")
 CSV_COLUMNS = [
     "label",  # the overrides that vary across the reported runs

@@ -27,7 +27,7 @@ from opo_cli.losses import ROW_SEPARABLE, LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
 from opo_cli.rewards import get_reward
 from opo_cli.rollout import Rollout, sample_batch
-from opo_cli.runs import list_checkpoints
+from opo_cli.runs import list_checkpoints, set_aside_previous_run
 from opo_cli.stopping import BadStepCounter, Diverged, Interrupted, SignalStop
 from opo_cli.tracking import PLAIN, Tracker, console, warn_damaged
 
@@ -281,7 +281,10 @@ def start_state(cfg, s: TrainSettings, run_dir: Path, initial: str, device, dtyp
 
     A damaged checkpoint (a cut-off or corrupt file) is skipped with a one-line warning for
     the one before it; when every one is damaged the run stops rather than start over.
+    `trainer.resume=never` first moves an earlier run's outputs aside (`set_aside_previous_run`).
     """
+    if s.trainer.resume == "never" and (aside := set_aside_previous_run(run_dir)):
+        console.print(f"trainer.resume=never: the earlier run's outputs moved to {aside}", **PLAIN)
     checkpoints = list_checkpoints(run_dir) if s.trainer.resume == "auto" else []
     for folder in checkpoints:
         try:

@@ -241,6 +241,33 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(cache, reference_
     assert len(read_metrics(run / "metrics.jsonl")) == 4  # the logged steps are kept
 
 
+def test_resume_never_starts_fresh_with_the_earlier_run_moved_aside(
+    cache, reference_run, tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)  # 4 steps: step_2, step_4, final/, 4 metrics rows
+    steps = steps_run(monkeypatch)
+    cfg = compose_train(cache, "trainer.steps=2", "trainer.save_every=1", "trainer.resume=never")
+    T.train(cfg, run)
+    assert steps == [1, 2]
+    # only the new run's checkpoints: the old step_4 neither survives pruning nor replaces one
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1", "step_2"]
+    new_final = load_file(run / "final" / "model.safetensors")
+    new_step_2 = load_file(run / "checkpoints" / "step_2" / "model.safetensors")
+    assert all(torch.equal(new_final[k], new_step_2[k]) for k in new_final)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    [aside] = (run / "replaced").iterdir()
+    assert str(aside) in capsys.readouterr().err
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    old_final = load_file(reference_run / "final" / "model.safetensors")
+    moved_final = load_file(aside / "final" / "model.safetensors")
+    assert all(torch.equal(old_final[k], moved_final[k]) for k in old_final)
+    assert len(read_metrics(aside / "metrics.jsonl")) == 4
+    steps.clear()
+    T.train(compose_train(cache, "trainer.steps=3", "trainer.save_every=1"), run)
+    assert steps == [3]  # a plain rerun resumes the new run, not the old one
+
+
 def test_signal_stop_records_the_first_signal_and_restores_the_handlers():
     before = signal.getsignal(signal.SIGTERM)
     with SignalStop() as stop:
