@@ -22,7 +22,7 @@ from opo_cli.checkpoint import load_trainer_state, save_checkpoint, set_rng_stat
 from opo_cli.config import TrainSettings, validate_eval, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
 from opo_cli.errors import UserError
-from opo_cli.evaluate import held_out_metrics
+from opo_cli.evaluate import check_held_out, held_out_metrics
 from opo_cli.losses import ROW_SEPARABLE, LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
 from opo_cli.rewards import get_reward
@@ -349,6 +349,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     device = pick_device(s.trainer.device)
     dtype = pick_dtype(s.trainer.dtype, device)
     problems, held_out = load_problems(cfg.dataset)
+    check_held_out(ev, held_out)
     initial = initial_model_path(cfg, problems)
     state = start_state(cfg, s, run_dir, initial, device, dtype, len(problems))
     policy, opt, sched, sampler = state.policy, state.opt, state.sched, state.sampler
