@@ -13,11 +13,12 @@ from omegaconf import DictConfig
 
 from opo_cli.config import EvalSettings, check_paths, looks_local, validate_eval
 from opo_cli.errors import UserError
+from opo_cli.tracking import WANDB_ID_FILE
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 REPLACED_DIR = "replaced"  # where `trainer.resume=never` moves an earlier run's outputs
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "wandb", "wandb_run_id")
+RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "wandb", WANDB_ID_FILE)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

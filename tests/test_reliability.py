@@ -384,6 +384,43 @@ def test_wandb_without_an_account_logs_offline_under_the_run_folder(cache, tmp_p
         assert [h[key] for h in logged if key in h] == [r[key] for r in rows]
 
 
+def wandb_history(run_file: Path) -> dict[int, dict]:
+    """step -> the metrics of each history record of a W&B run file."""
+    out = {}
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
+            out[record.history.step.num] = items
+    return out
+
+
+@pytest.mark.slow  # two offline W&B runs in process: 20-40 s on the shared 2-core box
+def test_a_resumed_wandb_run_gets_only_the_steps_it_lacks(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    args = ("logger=wandb", "trainer.save_every=2")
+    T.train(compose_train(cache, "trainer.steps=4", *args), run)
+    # the run died after logging step 4, before its checkpoint: it resumes from step 2
+    shutil.rmtree(run / "checkpoints" / "step_4")
+    shutil.rmtree(run / "final")
+    T.train(compose_train(cache, "trainer.steps=6", *args), run)
+    first, second = (
+        wandb_history(next(d.glob("run-*.wandb")))
+        for d in sorted((run / "wandb").glob("offline-run-*"))
+    )
+    assert sorted(first) == [1, 2, 3, 4]
+    assert sorted(second) == [5, 6]  # not 3 and 4 again: W&B would drop them
+    rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    for step, logged in {**first, **second}.items():  # W&B holds the file's values
+        for key in ("train/reward_mean", "train/loss", "train/grad_norm"):
+            assert logged[key] == pytest.approx(rows[step][key], rel=1e-6)
+
+
 def wandb_records(path: Path) -> list:
     """The records of a W&B run file: a 7-byte header, then LevelDB-log chunks (4-byte CRC,
     2-byte length, 1-byte type: 1 full, 2 first, 3 middle, 4 last) in 32 KiB blocks."""
