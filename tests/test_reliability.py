@@ -28,7 +28,7 @@ from opo_cli.models import load_policy
 from opo_cli.rollout import generate_rollout
 from opo_cli.stopping import BAD_STEPS_EXIT_CODE, BadStepCounter, Diverged, Interrupted, SignalStop
 from opo_cli.tracking import read_metrics
-from tests.conftest import compose_config
+from tests.conftest import OPO, compose_config
 
 TINY = [
     "rollout.prompts_per_step=2",
@@ -104,7 +104,7 @@ BAD_INPUTS = [  # (id, command line, what the one error line must name)
 
 def run_opo(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["opo", *args], cwd=cwd, env=opo_env(cache), capture_output=True, text=True, timeout=300
+        [*OPO, *args], cwd=cwd, env=opo_env(cache), capture_output=True, text=True, timeout=300
     )
 
 
@@ -133,6 +133,12 @@ def test_bad_input_ends_in_one_line_naming_the_key(bad_input_results, name):
     assert key in lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (cwd / "outputs").exists()  # refused before any run folder was made
+
+
+def test_the_opo_command_runs_without_its_bin_folder_on_path(tmp_path):
+    env = {**os.environ, "PATH": str(tmp_path)}  # no `opo` (nor anything else) to be found
+    proc = subprocess.run([*OPO, "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: opo COMMAND")
 
 
 def test_bad_step_counter_counts_only_fully_skipped_steps_in_a_row():
@@ -314,7 +320,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_to_identical_metrics(c
     steps = 6
     overrides = [*TINY, f"trainer.steps={steps}", "trainer.save_every=1"]
     run = tmp_path / "run"
-    command = ["opo", "train", *overrides, f"hydra.run.dir={run}"]
+    command = [*OPO, "train", *overrides, f"hydra.run.dir={run}"]
     env = opo_env(cache)
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     wait_for_rows(run / "metrics.jsonl", 2, proc, timeout_s=240)
@@ -355,7 +361,7 @@ def test_wandb_failing_to_start_never_stops_training(cache, tmp_path, monkeypatc
 def test_wandb_without_an_account_logs_offline_under_the_run_folder(cache, tmp_path):
     run = tmp_path / "run"
     command = [
-        "opo",
+        *OPO,
         "train",
         "method=opo",
         "alpha=0.6",
