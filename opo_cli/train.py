@@ -8,6 +8,7 @@ Run it with `opo train [overrides]`; `train(cfg, run_dir)` is the plain function
 
 from __future__ import annotations
 
+import inspect
 import random
 import resource
 import time
@@ -337,6 +338,18 @@ def stop_early(state: RunState, s: TrainSettings, stop: SignalStop, diverged: bo
         )
 
 
+def inert_mu_note(s: TrainSettings) -> str | None:
+    """The console note for a run whose loss takes `mu` but gets one update per rollout:
+    that update is at pi = pi_old (Delta = 0), where the mu term has no gradient."""
+    updates = s.trainer.epochs * s.trainer.mini_batches
+    if updates > 1 or "mu" not in inspect.signature(get_loss(s.loss)).parameters:
+        return None
+    return (
+        "note: trainer.epochs x trainer.mini_batches = 1 update per rollout, made at "
+        "pi = pi_old: mu has no effect (trainer.mini_batches=2 lets it act)"
+    )
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run (or resume) one training run in `run_dir`; returns the last metrics row.
 
@@ -350,6 +363,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     dtype = pick_dtype(s.trainer.dtype, device)
     problems, held_out = load_problems(cfg.dataset)
     check_held_out(ev, held_out)
+    if note := inert_mu_note(s):
+        console.print(note, **PLAIN)
     initial = initial_model_path(cfg, problems)
     state = start_state(cfg, s, run_dir, initial, device, dtype, len(problems))
     policy, opt, sched, sampler = state.policy, state.opt, state.sched, state.sampler
