@@ -94,13 +94,18 @@ VOTING: dict[str, Voting] = {  # by the dataset's reward
 }
 
 
-def wrong_groups(answers: list[tuple[int, str]], voting: Voting) -> list[tuple[int, int]]:
-    """(first index, size) of each group of equal wrong answers, given as (index, answer):
-    grouped by key, then keys the grader finds equivalent joined (union-find over pairs)."""
+def key_groups(answers: list[tuple[int, str]], voting: Voting) -> list[tuple[int, int, str]]:
+    """(first index, size, answer) of each group of wrong answers with one key, from the
+    answers given as (index, answer)."""
     by_key: dict[str, list] = {}  # key -> [first index, size, answer]
     for i, a in answers:
         by_key.setdefault(voting.key(a), [i, 0, a])[1] += 1
-    groups = list(by_key.values())
+    return [(first, size, a) for first, size, a in by_key.values()]
+
+
+def joined_groups(groups: list[tuple[int, int, str]], voting: Voting) -> list[tuple[int, int]]:
+    """(first index, size) of the groups left once those `voting.same` finds equal are
+    joined (union-find over every pair of groups)."""
     parent = list(range(len(groups)))
 
     def root(j: int) -> int:
@@ -108,12 +113,11 @@ def wrong_groups(answers: list[tuple[int, str]], voting: Voting) -> list[tuple[i
             j = parent[j]
         return j
 
-    if voting.same and len(groups) > 1:
-        pairs = [(j, m) for j in range(len(groups)) for m in range(j + 1, len(groups))]
-        verdicts = voting.same([(groups[j][2], groups[m][2]) for j, m in pairs])
-        for (j, m), same in zip(pairs, verdicts, strict=True):
-            if same:
-                parent[root(m)] = root(j)
+    pairs = [(j, m) for j in range(len(groups)) for m in range(j + 1, len(groups))]
+    verdicts = voting.same([(groups[j][2], groups[m][2]) for j, m in pairs]) if pairs else []
+    for (j, m), same in zip(pairs, verdicts, strict=True):
+        if same:
+            parent[root(m)] = root(j)
     merged: dict[int, list[int]] = {}
     for j, (first, size, _) in enumerate(groups):
         slot = merged.setdefault(root(j), [first, 0])
@@ -126,8 +130,10 @@ def majority_correct(responses: list[str], correct: list[bool], voting: Voting) 
 
     Answers are grouped by the grader's equivalence, as the Minerva evaluation and verl do:
     every right answer equals the gold, so the right ones are one group whatever their
-    strings (`\\frac12`, `0.5`, `1/2`); wrong ones group by `voting`. So votes are never
-    split between answers the grader calls equal.
+    strings (`\\frac12`, `0.5`, `1/2`); wrong ones group by key, then groups the grader
+    finds equal (`voting.same`) are joined. So votes are never split between answers the
+    grader calls equal. The grader is asked only when no wrong key group already wins
+    (joining only makes groups bigger).
     """
     right = [i for i, ok in enumerate(correct) if ok]
     if not right:
@@ -136,8 +142,16 @@ def majority_correct(responses: list[str], correct: list[bool], voting: Voting) 
     answers = [(i, a) for i, r in wrong if (a := voting.extract(r)) is not None]
     if len(answers) < len(right):  # no wrong group can reach the right one
         return True
-    best = min(wrong_groups(answers, voting), key=lambda g: (-g[1], g[0]))
-    return (len(right), -right[0]) > (best[1], -best[0])
+
+    def beats_right(first: int, size: int) -> bool:
+        return (size, -first) > (len(right), -right[0])
+
+    groups = key_groups(answers, voting)
+    if any(beats_right(first, size) for first, size, _ in groups):
+        return False
+    if voting.same is None or len(groups) < 2:
+        return True
+    return not any(beats_right(first, size) for first, size in joined_groups(groups, voting))
 
 
 def breakdown(graded: list[Graded], field: str, label: str = "{}") -> dict[str, dict]:

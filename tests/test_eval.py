@@ -17,7 +17,15 @@ import opo_cli.config as C
 from opo_cli import cli
 from opo_cli.data import Problem, load_problems
 from opo_cli.errors import UserError
-from opo_cli.evaluate import VOTING, Graded, evaluate, majority_correct, pass_at_k, summarise
+from opo_cli.evaluate import (
+    VOTING,
+    Graded,
+    Voting,
+    evaluate,
+    majority_correct,
+    pass_at_k,
+    summarise,
+)
 from opo_cli.rewards import grade_math
 from opo_cli.runs import model_candidates
 from opo_cli.train import train
@@ -65,15 +73,23 @@ def test_pass_at_k_matches_the_closed_form_by_hand():
 
 
 def test_majority_vote_over_normalised_boxed_answers():
-    math = VOTING["math"]
+    by_math = VOTING["math"]
     responses = ["so \\boxed{3}", "\\boxed{\\dfrac{1}{2}}", "I think $\\boxed{\\frac{1}{2}}$.", "?"]
     # \dfrac and \frac are one answer: 1/2 gets 2 votes, 3 gets 1, "?" has no answer
-    assert majority_correct(responses, [False, True, True, False], math) is True
-    assert majority_correct(responses, [True, False, False, False], math) is False
+    assert majority_correct(responses, [False, True, True, False], by_math) is True
+    assert majority_correct(responses, [True, False, False, False], by_math) is False
     tie = ["\\boxed{4}", "\\boxed{5}"]  # a tie goes to the answer seen first
-    assert majority_correct(tie, [True, False], math) is True
-    assert majority_correct(tie[::-1], [False, True], math) is False
-    assert majority_correct(["no answer"], [False], math) is False
+    assert majority_correct(tie, [True, False], by_math) is True
+    assert majority_correct(tie[::-1], [False, True], by_math) is False
+    assert majority_correct(["no answer"], [False], by_math) is False
+
+    def never(pairs):
+        raise AssertionError("the grader is not needed here")
+
+    keys_decide = Voting(by_math.extract, by_math.key, never)
+    five = ["\\boxed{7}", "\\boxed{7}", "\\boxed{7}", "\\boxed{1}", "\\boxed{2}"]
+    assert majority_correct(five, [False] * 3 + [True, False], keys_decide) is False  # 3 > 1
+    assert majority_correct(five, [True] * 3 + [False] * 2, keys_decide) is True  # 3 > 2 answers
 
 
 @pytest.mark.parametrize(
