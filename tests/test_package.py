@@ -99,14 +99,19 @@ def test_help_shows_the_version_and_the_version_flag(capsys):
     assert "-V, --version" in out
 
 
-def test_every_config_folder_is_a_package_of_the_wheel():
-    # else setuptools warns that the folder "would be ignored" (its files ship by the ** glob)
+def test_every_code_and_config_folder_is_a_package_of_the_wheel():
+    # the list is written out: a code package left off it is missing from the wheel, and a
+    # config folder left off makes setuptools warn that it "would be ignored"
     tomllib = pytest.importorskip("tomllib")
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"] == {"opo_cli.conf": "conf"}
     folders = [REPO / "conf", *(p for p in (REPO / "conf").rglob("*") if p.is_dir())]
-    expected = {".".join(("opo_cli", *f.relative_to(REPO).parts)) for f in folders}
-    assert set(setuptools["packages"]) == {"opo_cli", *expected}
+    configs = {".".join(("opo_cli", *f.relative_to(REPO).parts)) for f in folders}
+    code = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in (REPO / "opo_cli").rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == code | configs
 
 
 @pytest.mark.parametrize(
