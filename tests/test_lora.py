@@ -60,8 +60,8 @@ def fresh_policy(cfg) -> T.Policy:
     return T.load_models(cfg, path, path, CPU, F32)
 
 
-def token_batch(policy: T.Policy, rows: int = 3) -> torch.Tensor:
-    """(rows, 8) token ids of arith-like text: left-padding-free prompt + completion."""
+def token_batch(policy: T.Policy, rows: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of `rows` solved sums, left-padded as prompts are."""
     texts = [f"{a}+{b}={a + b}" for a, b in [(3, 4), (11, 7), (19, 19)][:rows]]
     enc = policy.tok(texts, return_tensors="pt", padding=True)
     return enc.input_ids, enc.attention_mask
@@ -114,10 +114,10 @@ def test_a_target_that_is_no_module_or_no_layer_peft_wraps_is_refused(targets, m
         ("model.lora.target_modules=[q_prj]", "model.lora.target_modules: no module"),
     ],
 )
-def test_opo_train_ends_bad_lora_input_in_one_line(override, named, tiny_cache):
+def test_opo_train_ends_bad_lora_input_in_one_line(override, named, tiny_cache, tmp_path):
     args = [*TINY, *LORA, override, f"model.cache_dir={tiny_cache}", "hydra.run.dir=."]
     done = subprocess.run(
-        [*OPO, "train", *args], capture_output=True, text=True, timeout=300, cwd=tiny_cache
+        [*OPO, "train", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
