@@ -263,6 +263,21 @@ def test_resume_gives_the_uninterrupted_metrics_and_weights(lora_run, tiny_cache
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
 
 
+def test_a_damaged_adapter_checkpoint_is_skipped_for_the_one_before(
+    lora_run, tiny_cache, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    shutil.rmtree(run / "final")
+    weights = run / "checkpoints" / "step_4" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut off mid-write
+    T.train(lora_cfg(tiny_cache, "trainer.steps=4", "trainer.save_every=2"), run)
+    assert "skipping damaged checkpoint" in capsys.readouterr().err
+    a = load_file(run / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(lora_run / "final" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)  # steps 3 and 4 again, from step 2
+
+
 def test_final_loads_merged_and_as_an_adapter_with_the_same_outputs(lora_run, tiny_cache):
     from peft import PeftModel
 
