@@ -328,7 +328,7 @@ def test_a_lora_run_on_arith_learns(tmp_path):
             "logger=none",
             f"model.cache_dir={tmp_path / 'cache'}",
             "model.lora.r=8",
-            "trainer.lr=1e-2",
+            "trainer.lr=3e-3",
         ],
     )
     T.train(cfg, tmp_path / "run")
