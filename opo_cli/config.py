@@ -105,6 +105,14 @@ class RolloutSettings:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    r: int  # adapter rank
+    alpha: float  # the update B @ A is scaled by alpha / r
+    dropout: float  # on the adapter's input, in [0, 1)
+    target_modules: str | tuple[str, ...]  # "all-linear" or module names (suffixes of their paths)
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     alpha: float
     mu: float
@@ -112,6 +120,7 @@ class TrainSettings:
     loss: str
     trainer: TrainerSettings
     rollout: RolloutSettings
+    lora: LoraSettings | None = None  # None: every weight trains
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
@@ -182,6 +191,34 @@ def check_paths(cfg: DictConfig) -> None:
         )
 
 
+ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer but the output layer
+
+
+def validate_lora(cfg: DictConfig) -> LoraSettings | None:
+    """`model.lora.*` checked; None when `model.lora.r` is null (LoRA off)."""
+    r = OmegaConf.select(cfg, "model.lora.r", default=None)
+    if r is None:
+        return None
+    ok = isinstance(r, int) and not isinstance(r, bool) and r >= 1
+    _require(ok, "model.lora.r", r, "an integer >= 1 (null: LoRA off)")
+    dropout = OmegaConf.select(cfg, "model.lora.dropout")
+    ok = isinstance(dropout, int | float) and not isinstance(dropout, bool) and 0 <= dropout < 1
+    _require(ok, "model.lora.dropout", dropout, "a number in [0, 1)")
+    targets = OmegaConf.select(cfg, "model.lora.target_modules")
+    if targets != ALL_LINEAR:
+        names = list(targets) if OmegaConf.is_list(targets) else []
+        ok = bool(names) and all(isinstance(n, str) and n for n in names)
+        allowed = f"{ALL_LINEAR} or a list of module names, e.g. [q_proj,v_proj]"
+        _require(ok, "model.lora.target_modules", targets, allowed)
+        targets = tuple(names)
+    return LoraSettings(
+        r=r,
+        alpha=_float(cfg, "model.lora.alpha", 0.0, float("inf"), open_low=True),
+        dropout=float(dropout),
+        target_modules=targets,
+    )
+
+
 HUB_UNREACHABLE = "OPO_HUB_UNREACHABLE"  # env: the hub host named in it did not resolve
 
 
@@ -235,6 +272,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
     )
     alpha, mu = _float(cfg, "alpha", 0.0, 1.0), _float(cfg, "mu", 0.0, inf, open_low=True)
     seed = _int(cfg, "seed", 0)
+    lora = validate_lora(cfg)
     check_paths(cfg)
     from opo_cli.losses import LOSSES  # imports torch: after the cheap checks, so errors are quick
 
@@ -247,6 +285,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         loss=cfg.method.loss,
         trainer=trainer,
         rollout=rollout,
+        lora=lora,
     )
 
 

@@ -31,8 +31,10 @@ from transformers import (
 from opo_cli.config import HUB_UNREACHABLE, looks_local
 from opo_cli.data import Problem, warm_start_pairs
 from opo_cli.errors import UserError, first_line
+from opo_cli.lora import quiet_peft
 
 console = Console(stderr=True)
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: a folder holding it is an adapter
 
 
 class ModelLoadError(UserError):
@@ -54,25 +56,57 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_policy(
     name_or_path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a hub id or a local folder, ready for left padding."""
+    """A causal LM and its tokenizer from a hub id or a local folder, ready for left padding.
+
+    A LoRA adapter folder (`adapter_config.json`, no `config.json`: a LoRA run's checkpoint
+    or `final/adapter/`) loads as its base model with the adapter merged in.
+    """
     local = Path(name_or_path).expanduser()
     if looks_local(name_or_path) and not local.is_dir():
         raise ModelLoadError(f"model folder not found: {name_or_path}")
+    base = adapter_base(local)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+        tok = AutoTokenizer.from_pretrained(
+            base if base and not (local / "tokenizer_config.json").is_file() else name_or_path,
+            trust_remote_code=trust_remote_code,
         )
+        model = AutoModelForCausalLM.from_pretrained(
+            base or name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        if base:
+            model = merged_adapter(model, local)
     except (OSError, ValueError) as e:
         first = first_line(e)
         if host := os.environ.get(HUB_UNREACHABLE):
             first += f" ({host} does not resolve here: hub ids load from the local cache only)"
-        raise ModelLoadError(f"cannot load model '{name_or_path}': {first}") from e
+        on = f" (a LoRA adapter on '{base}')" if base else ""
+        raise ModelLoadError(f"cannot load model '{name_or_path}'{on}: {first}") from e
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(device), tok
+
+
+def adapter_base(folder: Path) -> str | None:
+    """The base model a LoRA adapter folder names; None for anything else."""
+    if (folder / "config.json").is_file() or not (folder / ADAPTER_CONFIG).is_file():
+        return None
+    try:
+        base = json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"cannot read {folder / ADAPTER_CONFIG}: {first_line(e)}") from e
+    if not isinstance(base, str) or not base:
+        raise ModelLoadError(f"{folder / ADAPTER_CONFIG} names no base model")
+    return base
+
+
+def merged_adapter(model: PreTrainedModel, folder: Path) -> PreTrainedModel:
+    """`model` with the LoRA adapter saved in `folder` merged into its weights (in place)."""
+    from peft import PeftModel
+
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -57,18 +57,18 @@ def set_aside_previous_run(run_dir: Path) -> Path | None:
 def model_candidates(spec: str) -> list[str]:
     """The model folders `checkpoint=` names, best first: a run folder's final/ and then its
     checkpoints/step_N newest first (the loader takes the first that reads), a model
-    folder, or a hub id (owner/name) left as it is."""
+    folder, a LoRA adapter folder, or a hub id (owner/name) left as it is."""
     path = Path(spec).expanduser()
     if path.is_dir():
         final = [str(path / "final")] if (path / "final" / "config.json").is_file() else []
         saved = final + [str(p) for p in list_checkpoints(path)]
         if saved:
             return saved
-        if (path / "config.json").is_file():
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
             return [str(path)]
         raise UserError(
             f"checkpoint={spec}: not a run folder (no final/ or checkpoints/step_N/) "
-            "nor a model folder (no config.json)"
+            "nor a model folder (no config.json) nor a LoRA adapter (no adapter_config.json)"
         )
     if looks_local(spec) or spec.count("/") != 1:
         raise UserError(

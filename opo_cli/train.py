@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from opo_cli.batching import micro_batches, micro_logps
 from opo_cli.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
-from opo_cli.config import TrainSettings, validate_eval, validate_train
+from opo_cli.config import TrainSettings, validate_eval, validate_lora, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
 from opo_cli.errors import UserError
 from opo_cli.evaluate import check_held_out, held_out_metrics
+from opo_cli.lora import AdapterOff, add_adapter, save_final
 from opo_cli.losses import ROW_SEPARABLE, LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
 from opo_cli.rewards import get_reward
@@ -35,9 +36,10 @@ from opo_cli.tracking import PLAIN, Tracker, console, warn_damaged
 
 @dataclass
 class Policy:
-    model: torch.nn.Module
+    model: torch.nn.Module  # with LoRA: the model with the adapter's layers in it
     tok: object
-    ref: torch.nn.Module | None  # frozen reference, only when the method uses one
+    ref: torch.nn.Module | AdapterOff | None  # frozen reference, only when the method uses one
+    adapter: torch.nn.Module | None = None  # with LoRA: PEFT's wrapper of `model` (what is saved)
 
 
 def seed_everything(seed: int) -> None:
@@ -54,9 +56,15 @@ def initial_model_path(cfg: DictConfig, problems: list[Problem]) -> str:
 
 def load_models(cfg: DictConfig, start: str, initial: str, device, dtype) -> Policy:
     trust = bool(cfg.model.trust_remote_code)
-    model, tok = load_policy(start, device=device, dtype=dtype, trust_remote_code=trust)
+    lora = validate_lora(cfg)  # the base model loads, then the adapter (new, or saved in start)
+    path = initial if lora else start
+    model, tok = load_policy(path, device=device, dtype=dtype, trust_remote_code=trust)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if lora:
+        adapter = add_adapter(model, lora, saved=None if start == initial else start)
+        ref = AdapterOff(adapter) if cfg.method.reference else None
+        return Policy(adapter.get_base_model(), tok, ref, adapter)
     ref = None
     if cfg.method.reference:
         ref, _ = load_policy(initial, device=device, dtype=dtype, trust_remote_code=trust)
@@ -307,7 +315,7 @@ def save_state(run_dir: Path, state: RunState, s: TrainSettings) -> Path:
     return save_checkpoint(
         run_dir,
         state.step,
-        model=state.policy.model,
+        model=state.policy.model if state.policy.adapter is None else state.policy.adapter,
         tok=state.policy.tok,
         optimizer=state.opt,
         scheduler=state.sched,
@@ -387,7 +395,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     stop_early(state, s, stop, diverged, save_state(run_dir, state, s))
         finally:
             tracker.close()
-        policy.model.save_pretrained(run_dir / "final", safe_serialization=True)
-        policy.tok.save_pretrained(run_dir / "final")
+        save_final(run_dir / "final", model=policy.model, tok=policy.tok, adapter=policy.adapter)
     console.print(f"done: {run_dir / 'final'}")
     return row
