@@ -353,7 +353,8 @@ def read_custom_problems(cfg: DictConfig) -> list[Problem]:
             highlight=False,
         )
     if not kept:
-        columns = sorted({cfg.prompt_key, cfg.answer_key, *_FIELD.findall(template)} - {"prompt"})
+        named = {cfg.prompt_key if n == "prompt" else n for n in _FIELD.findall(template)}
+        columns = sorted({cfg.prompt_key, cfg.answer_key, *named})
         raise DataError(
             f"dataset {cfg.name}: no usable rows in {source}: each needs the columns "
             f"{', '.join(columns)} (dataset.prompt_key, dataset.answer_key, dataset.template)"
