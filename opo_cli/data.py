@@ -225,7 +225,8 @@ def hub_rows(name: str, split: str, subset: str | None = None) -> list[object]:
     import datasets
 
     try:
-        return list(datasets.load_dataset(name, subset, split=split))
+        args = (name,) if subset is None else (name, subset)
+        return list(datasets.load_dataset(*args, split=split))
     except Exception as e:  # offline, no such dataset or split, bad files: one line for all
         first = first_line(e)
         raise DataError(

@@ -100,6 +100,21 @@ def test_no_usable_rows_names_the_columns_they_need(tmp_path):
 # ---------------------------------------------------------------------------------------- GSM8K
 
 
+def test_gsm8k_reads_the_hubs_main_configuration(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(*args, split):
+        calls.append((*args, split))
+        return [{"question": "1+1?", "answer": "1 + 1 = 2\n#### 2"}] * 3
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = compose_config("train", ["dataset=gsm8k", "dataset.eval_size=1"]).dataset
+    train_set, held = load_problems(cfg)
+    assert calls == [("openai/gsm8k", "main", "train")] and (len(train_set), len(held)) == (2, 1)
+
+
 def test_gsm8k_warm_start_states_the_gold_number_in_the_form_the_reward_reads():
     data = ["dataset=gsm8k", f"dataset.path={GSM8K}", "dataset.eval_size=8"]
     cfg = compose_config("train", data).dataset
