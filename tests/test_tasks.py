@@ -271,16 +271,30 @@ def test_the_readme_example_is_five_rows_a_ten_line_reward_and_one_command():
     assert "\n" not in command
 
 
-def test_the_readme_example_trains_exactly_as_printed(tmp_path):
+def run_readme_example(tmp_path: Path, *extra: str) -> list[dict]:
+    """The README's files written to `tmp_path` and its command run there (then `extra`)."""
     files, command = readme_example()
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     args = shlex.split(command)
     assert args[0] == "opo"
-    proc = opo(args[1:], tmp_path, tmp_path / "cache", timeout=900)
+    proc = opo([*args[1:], *extra], tmp_path, tmp_path / "cache", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run,) = (tmp_path / "outputs" / "train").iterdir()
-    rows = read_metrics(run / "metrics.jsonl")
-    assert len(rows) == 20 and all(0.0 <= r["reward/score"] <= 1.0 for r in rows)
-    assert "reward/correct" not in rows[0]  # a reward of one's own: no correctness assumed
     assert (run / "final" / "config.json").is_file()
+    rows = read_metrics(run / "metrics.jsonl")
+    assert all(0.0 <= r["reward/score"] <= 1.0 for r in rows)
+    assert "reward/correct" not in rows[0]  # a reward of one's own: no correctness assumed
+    return rows
+
+
+@pytest.mark.slow
+def test_the_readme_example_trains_exactly_as_printed(tmp_path):
+    rows = run_readme_example(tmp_path)  # 2-5 min on 2 cores: the full tiny warm start
+    assert len(rows) == 20
+
+
+def test_the_readme_example_trains_with_a_short_warm_start(tmp_path):
+    """The printed command with a cheaper warm start and 3 steps: the fast suite's version."""
+    rows = run_readme_example(tmp_path, "model.tiny.warm_start.steps=30", "trainer.steps=3")
+    assert len(rows) == 3
