@@ -290,7 +290,7 @@ def run_readme_example(tmp_path: Path, *extra: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_the_readme_example_trains_exactly_as_printed(tmp_path):
-    rows = run_readme_example(tmp_path)  # 2-5 min on 2 cores: the full tiny warm start
+    rows = run_readme_example(tmp_path)  # ~3 CPU-minutes, most of it the tiny warm start
     assert len(rows) == 20
 
 
