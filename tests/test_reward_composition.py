@@ -248,3 +248,54 @@ def test_a_hanging_reward_stops_at_the_timeout(reward_file):
 def test_the_total_is_finite_and_a_float(reward_file):
     scores = build_reward(dataset("exact_match"))(["1", "2"], ["1", "1"])
     assert scores.total == [1.0, 0.0] and all(math.isfinite(v) for v in scores.total)
+
+
+# ------------------------------------------------------------------ parts on the Rollout
+
+
+def scored_rollout(lengths: list[int], width: int):
+    """A rollout of completions of the given lengths, scored by exact_match + length_bonus."""
+    import torch
+
+    from opo_cli.rollout import Rollout, score_rollout
+
+    n = len(lengths)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).float()  # (N, Lc)
+    rollout = Rollout(
+        input_ids=torch.zeros(n, width, dtype=torch.long),
+        attention_mask=mask.long(),
+        completion_mask=mask,
+        truncated=torch.tensor([length == width for length in lengths]),
+        rewards=torch.zeros(n),
+        texts=["7", "8", "8", "7"][:n],
+        group_size=2,
+    )
+    reward = build_reward(dataset(["exact_match", "length_bonus"]))
+    return score_rollout(rollout, ["7"] * n, reward, {"level": [1] * n})
+
+
+def test_score_rollout_fills_the_parts_and_the_metrics_average_them():
+    from opo_cli.rollout import rollout_metrics
+
+    r = scored_rollout([1, 2, 3, 4], width=4)
+    # right, wrong "8" (1 char: bonus 1/2000), wrong, right
+    assert r.rewards.tolist() == pytest.approx([1.0, 0.0005, 0.0005, 1.0])
+    assert [p["correct"] for p in r.reward_parts] == [1.0, 0.0, 0.0, 1.0]
+    assert r.reward_extras is None
+    m = rollout_metrics(r)
+    assert m["reward/correct"] == m["reward/exact_match"] == 0.5
+    assert m["reward/length_bonus"] == pytest.approx(0.0005 / 2)
+    assert m["train/reward_mean"] == pytest.approx(0.50025)
+    picked = r.rows(__import__("torch").tensor([2, 3]))
+    assert picked.reward_parts == r.reward_parts[2:]
+
+
+def test_dapo_overlong_shaping_is_the_part_overlong():
+    from opo_cli.rollout import shape_overlong
+
+    r = scored_rollout([1, 2, 3, 4], width=4)
+    # L = 4, B = 2: no penalty up to 2 tokens, -1/2 at 3, -1 at 4
+    shaped = shape_overlong(r, max_len=4, buffer=2)
+    assert [p["overlong"] for p in shaped.reward_parts] == [0.0, 0.0, -0.5, -1.0]
+    assert (shaped.rewards - r.rewards).tolist() == [0.0, 0.0, -0.5, -1.0]
+    assert "overlong" not in shape_overlong(r, max_len=4, buffer=0).reward_parts[0]
