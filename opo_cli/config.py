@@ -176,10 +176,11 @@ def _overlong_buffer(cfg: DictConfig, max_new_tokens: int) -> int:
 
 def check_paths(cfg: DictConfig) -> None:
     """Local files a run reads exist, so a typo fails before any model is built."""
-    data = OmegaConf.select(cfg, "dataset.path", default=None)
-    if data is not None:
-        exists = Path(str(data)).expanduser().exists()
-        _require(exists, "dataset.path", data, "an existing .jsonl/.parquet file or dataset folder")
+    for key in ("dataset.path", "dataset.eval_path"):
+        data = OmegaConf.select(cfg, key, default=None)
+        if data is not None:
+            exists = Path(str(data)).expanduser().exists()
+            _require(exists, key, data, "an existing .jsonl/.parquet file or dataset folder")
     model = OmegaConf.select(cfg, "model.name_or_path", default=None)
     if model is not None and looks_local(str(model)):
         folder = Path(str(model)).expanduser()
@@ -274,6 +275,9 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
     seed = _int(cfg, "seed", 0)
     lora = validate_lora(cfg)
     check_paths(cfg)
+    from opo_cli.rewards import build_reward  # imports the reward functions: names checked
+
+    build_reward(cfg.dataset)
     from opo_cli.losses import LOSSES  # imports torch: after the cheap checks, so errors are quick
 
     _require(cfg.method.loss in LOSSES, "method.loss", cfg.method.loss, ", ".join(sorted(LOSSES)))

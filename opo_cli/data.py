@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from opo_cli.errors import UserError, first_line
-from opo_cli.rewards import extract_boxed
+from opo_cli.rewards import extract_boxed, gsm8k_gold
 from opo_cli.tracking import console
 
 
@@ -60,39 +60,62 @@ def noisy_arith_answer(problem: Problem, rng: random.Random, accuracy: float) ->
     return problem.answer + problem.answer[-1]
 
 
+def dataset_kind(cfg: DictConfig) -> str:
+    """`arith`, `math` (MATH-style rows) or `custom` (prompt and answer columns)."""
+    return str(OmegaConf.select(cfg, "kind", default="arith" if cfg.name == "arith" else "math"))
+
+
 def load_problems(cfg: DictConfig) -> tuple[list[Problem], list[Problem]]:
     """Train and held-out problems of the configured dataset."""
-    if cfg.name == "arith":
+    kind = dataset_kind(cfg)
+    if kind == "arith":
         problems = arith_problems(cfg.max_operand, cfg.ops)
         return split_train_eval(problems, cfg.eval_size, cfg.split_seed)
-    if "hub_id" in cfg:
+    if kind == "custom":
+        return split_custom(cfg)
+    if kind == "math":
         levels = configured_levels(cfg.levels, "dataset.levels")
         held_levels = levels
         if cfg.eval_levels is not None:
             held_levels = configured_levels(cfg.eval_levels, "dataset.eval_levels")
         problems = read_math_problems(cfg, levels | held_levels)
         return split_by_level(problems, cfg, levels, held_levels)
-    raise ValueError(f"unknown dataset '{cfg.name}'")
+    raise DataError(f"dataset.kind={kind} is not allowed: arith, math or custom")
 
 
 def dataset_problems(cfg: DictConfig) -> list[Problem]:
-    """What `opo eval` measures (`eval_split` names it): arith's held-out problems (training
-    draws from the others), else every problem of the configured split (`test` for `opo
-    eval`) at the configured levels."""
-    if cfg.name == "arith":
+    """What `opo eval` measures (`eval_split` names it): the held-out problems of arith and of
+    a custom dataset read from one file (training draws from the others), the rows of
+    `dataset.eval_path`, else every problem of the configured split (`test` for `opo eval`),
+    at the configured levels for MATH."""
+    split = eval_split(cfg)
+    if split == "held_out":
         held_out = load_problems(cfg)[1]
         if not held_out:
-            raise DataError("dataset arith holds no held-out problems: set dataset.eval_size > 0")
+            raise DataError(
+                f"dataset {cfg.name} holds no held-out problems: set dataset.eval_size > 0"
+            )
         return held_out
+    if dataset_kind(cfg) == "custom":
+        path = OmegaConf.select(cfg, "eval_path", default=None)
+        return read_custom_problems(cfg if path is None else with_path(cfg, path))
     return read_math_problems(cfg, configured_levels(cfg.levels, "dataset.levels"))
 
 
 def eval_split(cfg: DictConfig) -> str:
-    """The name of the split `dataset_problems` reads: `held_out` for arith, else the
-    configured split of the hub dataset or folder (a local file: its path)."""
-    if cfg.name == "arith":
+    """The name of the split `dataset_problems` reads: `held_out` for arith and a custom
+    dataset from one file, `dataset.eval_path`, else the configured split of the hub dataset
+    or folder (a local MATH file: its path)."""
+    kind = dataset_kind(cfg)
+    if kind == "arith":
         return "held_out"
-    return str(cfg.split) if cfg.path is None or Path(str(cfg.path)).is_dir() else str(cfg.path)
+    path = None if cfg.path is None else Path(str(cfg.path))
+    if kind == "custom":
+        eval_path = OmegaConf.select(cfg, "eval_path", default=None)
+        if eval_path is not None:
+            return str(eval_path)
+        return "held_out" if path is not None and not path.is_dir() else str(cfg.split)
+    return str(cfg.split) if path is None or path.is_dir() else str(path)
 
 
 STRATA = ("subject", "level")  # the fields `stratified_sample` keeps in proportion
@@ -196,12 +219,14 @@ def jsonl_rows(path: Path) -> tuple[list[object], int]:
     return rows, bad
 
 
-def hub_rows(name: str, split: str) -> list[object]:
-    """Rows of `split` of a hub dataset, or of a local dataset folder, via `datasets`."""
+def hub_rows(name: str, split: str, subset: str | None = None) -> list[object]:
+    """Rows of `split` of a hub dataset (its configuration `subset`), or of a local dataset
+    folder, via `datasets`."""
     import datasets
 
     try:
-        return list(datasets.load_dataset(name, split=split))
+        args = (name,) if subset is None else (name, subset)
+        return list(datasets.load_dataset(*args, split=split))
     except Exception as e:  # offline, no such dataset or split, bad files: one line for all
         first = first_line(e)
         raise DataError(
@@ -222,7 +247,10 @@ def parquet_rows(path: Path) -> list[object]:
 def read_rows(cfg: DictConfig) -> tuple[list[object], int, str]:
     """Raw rows of the configured split, the count of lines that are not JSON, and the source."""
     if cfg.path is None:
-        return hub_rows(cfg.hub_id, cfg.split), 0, f"{cfg.hub_id} [{cfg.split}]"
+        if cfg.hub_id is None:
+            raise DataError(f"dataset {cfg.name}: set dataset.path=FILE or dataset.hub_id=NAME")
+        subset = OmegaConf.select(cfg, "subset", default=None)
+        return hub_rows(cfg.hub_id, cfg.split, subset), 0, f"{cfg.hub_id} [{cfg.split}]"
     path = Path(str(cfg.path)).expanduser()
     if path.is_dir():
         return hub_rows(str(path), cfg.split), 0, f"{path} [{cfg.split}]"
@@ -282,6 +310,77 @@ def split_by_level(
     return train, held
 
 
+# --------------------------------------------------------- your own task: prompt/answer columns
+
+_FIELD = re.compile(r"\{(\w+)\}")  # {column} in dataset.template; \\boxed{} is left alone
+
+
+def with_path(cfg: DictConfig, path: object) -> DictConfig:
+    """`cfg` reading the local file or folder `path` instead of its own."""
+    return OmegaConf.merge(cfg, {"path": str(path)})
+
+
+def custom_problem(row: object, prompt_key: str, answer_key: str, template: str) -> Problem | None:
+    """A Problem from a row with a non-empty text `prompt_key` and an `answer_key` (any
+    scalar, as text), the user turn `template` with each {column} filled in ({prompt} is
+    `prompt_key`'s); None if malformed. The other columns are kept (`meta`): rewards get them."""
+    if not isinstance(row, dict):
+        return None
+    prompt, answer = row.get(prompt_key), row.get(answer_key)
+    if not (isinstance(prompt, str) and prompt.strip()):
+        return None
+    if answer is None or isinstance(answer, dict | list) or not str(answer).strip():
+        return None
+    fields = {"prompt": prompt, **row}
+    if any(fields.get(name) is None for name in _FIELD.findall(template)):
+        return None
+    text = _FIELD.sub(lambda m: str(fields[m[1]]), template)
+    meta = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
+    return Problem(text, str(answer), meta)
+
+
+def read_custom_problems(cfg: DictConfig) -> list[Problem]:
+    """The usable rows of the configured file, folder or hub split as Problems; skipped rows
+    are counted on one console line, and none usable is an error that says what rows need."""
+    rows, not_json, source = read_rows(cfg)
+    template = str(cfg.template)
+    problems = [custom_problem(r, cfg.prompt_key, cfg.answer_key, template) for r in rows]
+    kept = [p for p in problems if p is not None]
+    skipped = len(problems) - len(kept) + not_json
+    if skipped:
+        console.print(
+            f"dataset {cfg.name}: skipped {skipped} malformed rows in {source}",
+            soft_wrap=True,
+            highlight=False,
+        )
+    if not kept:
+        named = {cfg.prompt_key if n == "prompt" else n for n in _FIELD.findall(template)}
+        columns = sorted({cfg.prompt_key, cfg.answer_key, *named})
+        raise DataError(
+            f"dataset {cfg.name}: no usable rows in {source}: each needs the columns "
+            f"{', '.join(columns)} (dataset.prompt_key, dataset.answer_key, dataset.template)"
+        )
+    return kept
+
+
+def split_custom(cfg: DictConfig) -> tuple[list[Problem], list[Problem]]:
+    """Training problems and held-out ones: the rows of `dataset.eval_path` when set, else
+    `eval_size` rows drawn with `split_seed` (as for MATH)."""
+    problems = read_custom_problems(cfg)
+    eval_path = OmegaConf.select(cfg, "eval_path", default=None)
+    if eval_path is not None:
+        if not Path(str(eval_path)).expanduser().exists():
+            raise DataError(f"dataset.eval_path={eval_path}: no such file or folder")
+        return problems, read_custom_problems(with_path(cfg, eval_path))
+    train, held = split_train_eval(problems, cfg.eval_size, cfg.split_seed)
+    if not train:
+        raise DataError(
+            f"dataset {cfg.name}: no training problems left after holding out {len(held)} "
+            f"of {len(problems)} (dataset.eval_size)"
+        )
+    return train, held
+
+
 # ------------------------------------------------------------------------------------ prompts
 
 
@@ -311,6 +410,8 @@ def format_prompt(
 def prompt_texts(problems: list[Problem], tok, dataset_cfg: DictConfig) -> list[str]:
     """`format_prompt` of each problem with the dataset's template (none for arith)."""
     template = OmegaConf.select(dataset_cfg, "template", default=None)
+    if dataset_kind(dataset_cfg) == "custom":
+        template = "{problem}"  # filled in from the row's columns when read (custom_problem)
     thinking = bool(OmegaConf.select(dataset_cfg, "enable_thinking", default=False))
     return [format_prompt(p, tok, template, enable_thinking=thinking) for p in problems]
 
@@ -360,8 +461,9 @@ def warm_start_pairs(
     """`n` (prompt, completion) demonstrations for the tiny model's supervised warm start.
 
     On `arith` the teacher is noisy (right with probability `accuracy`, else it stutters), so
-    the warm start teaches the format and a wrong habit, and RL has something to find. On MATH
-    it states the boxed answer only (`short_solution`).
+    the warm start teaches the format and a wrong habit, and RL has something to find.
+    Elsewhere it states the answer only (`short_solution`): MATH's boxed answer, GSM8K's
+    number, a custom dataset's answer as it stands.
     """
     rng = random.Random(seed)
     pairs = []
@@ -376,8 +478,10 @@ def warm_start_pairs(
 
 
 def short_solution(gold: str) -> str:
-    """`The answer is $\\boxed{X}$.` for a gold solution: the format the reward reads, in a few
-    tokens (whole MATH solutions, hundreds of tokens each, made the tiny warm start minutes long).
-    """
+    """`The answer is $\\boxed{X}$.` for a gold solution with a box (MATH), or for one ending in
+    `#### X` (GSM8K): the format the reward reads, in a few tokens (whole solutions, hundreds
+    of tokens each, made the tiny warm start minutes long); any other gold as it stands."""
     answer = extract_boxed(gold)
+    if answer is None and "####" in gold:
+        answer = gsm8k_gold(gold)
     return gold if answer is None else f"The answer is $\\boxed{{{answer}}}$."

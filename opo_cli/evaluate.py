@@ -46,15 +46,16 @@ from opo_cli.data import (
 from opo_cli.errors import UserError
 from opo_cli.generation import generate_own, sampling_config, stop_token_ids
 from opo_cli.models import load_policy, pick_device, pick_dtype
-from opo_cli.rewards import answer_key, extract_boxed, get_reward, grade_math
-from opo_cli.rollout import completion_mask_from_ids
+from opo_cli.rewards import answer_key, build_reward, extract_boxed, grade_math, gsm8k_number
+from opo_cli.rollout import completion_mask_from_ids, reward_columns
 from opo_cli.runs import check_eval
 from opo_cli.tracking import console, start_wandb, warn_damaged
 
 
 @dataclass
 class Graded:
-    """One problem's n responses, graded by the dataset's reward (correct: reward 1)."""
+    """One problem's n responses, graded by the dataset's correctness reward (exact_match,
+    math, gsm8k: its value 1), or for a reward without one, by a total reward of 1."""
 
     problem: Problem
     responses: list[str]
@@ -88,10 +89,16 @@ def math_same(pairs: list[tuple[str, str]]) -> list[bool]:
     return [grade_math(f"\\boxed{{{a}}}", f"\\boxed{{{b}}}") for a, b in pairs]
 
 
-VOTING: dict[str, Voting] = {  # by the dataset's reward
+VOTING: dict[str, Voting] = {  # by the dataset's correctness reward
     "math": Voting(extract_boxed, answer_key, math_same),
+    "gsm8k": Voting(gsm8k_number, str),
     "exact_match": Voting(lambda r: r.strip() or None, str),
 }
+
+
+def voting(dataset_cfg: DictConfig) -> Voting:
+    """How maj@k groups this dataset's answers: by its correctness reward, else as exact match."""
+    return VOTING.get(build_reward(dataset_cfg).correctness or "", VOTING["exact_match"])
 
 
 def key_groups(answers: list[tuple[int, str]], voting: Voting) -> list[tuple[int, int, str]]:
@@ -233,7 +240,7 @@ def evaluate_problems(
     Prompts are batched in order of length (less padding); results keep the problems' order.
     """
     prompts = prompt_texts(problems, tok, dataset_cfg)
-    reward_fn = get_reward(dataset_cfg.reward)
+    reward_fn = build_reward(dataset_cfg)
     order = sorted(range(len(problems)), key=lambda i: len(prompts[i]))
     graded: list[Graded | None] = [None] * len(problems)
     was_training = model.training
@@ -249,10 +256,15 @@ def evaluate_problems(
             temperature=s.temperature,
             top_p=s.top_p,
         )
-        rewards = reward_fn(texts, [problems[i].answer for i in batch for _ in range(s.n)])
+        chosen = [problems[i] for i in batch]
+        golds = [p.answer for p in chosen for _ in range(s.n)]
+        scores = reward_fn(texts, golds, reward_columns(chosen, s.n))
+        right = [
+            p.get("correct", t) == 1.0 for p, t in zip(scores.parts, scores.total, strict=True)
+        ]
         for j, i in enumerate(batch):
             rows = slice(j * s.n, (j + 1) * s.n)
-            correct = [r == 1.0 for r in rewards[rows]]
+            correct = right[rows]
             graded[i] = Graded(problems[i], texts[rows], correct, lengths[rows], truncated[rows])
         if on_batch is not None:
             on_batch(len(batch))
@@ -274,7 +286,7 @@ def held_out_metrics(
     t0 = time.perf_counter()
     chosen = stratified_sample(problems, s.limit, dataset_cfg.split_seed)
     graded = evaluate_problems(model, tok, chosen, dataset_cfg, s)
-    summary = summarise(graded, s.ks, VOTING[dataset_cfg.reward])
+    summary = summarise(graded, s.ks, voting(dataset_cfg))
     return {
         "eval/accuracy": summary["accuracy"],
         "eval/response_len_mean": summary["response_len_mean"],
@@ -357,6 +369,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     s, candidates = check_eval(cfg)
     every = dataset_problems(cfg.dataset)
     problems = stratified_sample(every, s.limit, cfg.dataset.split_seed)
+    probe = problems[:4]  # a broken reward fails here, before the model loads
+    build_reward(cfg.dataset).probe([p.answer for p in probe], reward_columns(probe, 1))
     device = pick_device(s.device)
     model_path, model, tok = load_first_readable(
         candidates, device, pick_dtype(s.dtype, device), bool(cfg.eval.trust_remote_code)
@@ -367,7 +381,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     with eval_progress(len(problems)) as advance:
         graded = evaluate_problems(model, tok, problems, cfg.dataset, s, on_batch=advance)
-    result = summarise(graded, s.ks, VOTING[cfg.dataset.reward])
+    result = summarise(graded, s.ks, voting(cfg.dataset))
     result |= {
         "checkpoint": model_path,
         "dataset": cfg.dataset.name,

@@ -23,10 +23,10 @@ from opo_cli.config import RolloutSettings
 from opo_cli.data import Problem, PromptSampler
 from opo_cli.decode import cache_argument, decode, shared_prefill
 from opo_cli.generation import generate_own, sampling_config, stop_token_ids
-from opo_cli.rewards import overlong_penalties
+from opo_cli.rewards import Reward, overlong_penalties
 from opo_cli.sampling import SampledTokenLogps, keeps_sampling_logps
 
-RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]  # (texts, golds) -> rewards
+RewardFn = Reward  # (texts, golds, columns) -> Scores: weighted total, parts, extras
 
 
 @dataclass
@@ -40,6 +40,12 @@ class Rollout:
     group_size: int  # G
     sampling_logps: Tensor | None = None  # (N, Lc) log pi_old of each sampled token, if kept
     sampling_entropy: Tensor | None = None  # (N, Lc) entropy of each sampling step, if kept
+    reward_parts: list[dict[str, float]] | None = (
+        None  # per completion: reward part -> unweighted value
+    )
+    reward_extras: list[dict] | None = (
+        None  # per completion: extra JSON fields returned by reward functions
+    )
 
     @property
     def completion_len(self) -> int:
@@ -286,19 +292,26 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     """Reward, length and truncation of the completions in `rollout`."""
     r = rollout.rewards
     lengths = rollout.completion_mask.sum(-1)  # (N,)
+    parts = rollout.reward_parts or []
     return {
         "train/reward_mean": r.mean().item(),
         "train/reward_std": r.std().item(),
         "train/response_len_mean": lengths.mean().item(),
         "train/truncated_frac": rollout.truncated.float().mean().item(),
+        **{f"reward/{k}": sum(p[k] for p in parts) / len(parts) for k in (parts or [{}])[0]},
     }
 
 
 def shape_overlong(rollout: Rollout, *, max_len: int, buffer: int) -> Rollout:
-    """Rewards plus DAPO's soft overlong penalty on each completion's length (0 when off)."""
+    """Rewards plus DAPO's soft overlong penalty on each completion's length (0 when off);
+    when on, it is also the reward part `overlong`."""
     lengths = rollout.completion_mask.sum(-1).long().tolist()
     penalty = overlong_penalties(lengths, max_len=max_len, buffer=buffer)
-    return replace(rollout, rewards=rollout.rewards + rollout.rewards.new_tensor(penalty))
+    parts = rollout.reward_parts
+    if buffer > 0 and parts is not None:
+        parts = [{**d, "overlong": v} for d, v in zip(parts, penalty, strict=True)]
+    rewards = rollout.rewards + rollout.rewards.new_tensor(penalty)
+    return replace(rollout, rewards=rewards, reward_parts=parts)
 
 
 def mask_truncated(rollout: Rollout) -> Rollout:
@@ -307,10 +320,25 @@ def mask_truncated(rollout: Rollout) -> Rollout:
     return replace(rollout, completion_mask=rollout.completion_mask * keep)  # (N, Lc)
 
 
-def score_rollout(rollout: Rollout, golds: list[str], reward_fn: RewardFn) -> Rollout:
-    """The rollout with its task rewards: `reward_fn(texts, golds)`, one per completion."""
-    scores = reward_fn(rollout.texts, golds)
-    return replace(rollout, rewards=rollout.rewards.new_tensor(scores, dtype=torch.float32))
+def score_rollout(
+    rollout: Rollout, golds: list[str], reward_fn: RewardFn, columns: dict | None = None
+) -> Rollout:
+    """The rollout with its task rewards, `reward_fn(texts, golds, columns)`: the weighted
+    total per completion, each part's value (`correct` among them where the task has one)
+    and any extra fields the reward functions returned."""
+    scores = reward_fn(rollout.texts, golds, columns)
+    return replace(
+        rollout,
+        rewards=rollout.rewards.new_tensor(scores.total, dtype=torch.float32),
+        reward_parts=scores.parts,
+        reward_extras=scores.extras,
+    )
+
+
+def reward_columns(problems: list[Problem], group_size: int) -> dict[str, list]:
+    """The problems' other fields (`meta`) as columns, each value repeated for the group."""
+    names = dict.fromkeys(k for p in problems for k in p.meta)
+    return {k: [p.meta.get(k) for p in problems for _ in range(group_size)] for k in names}
 
 
 def draw_scored(
@@ -331,7 +359,7 @@ def draw_scored(
         share_prefill=r.share_prefill,
     )
     golds = [p.answer for p in problems for _ in range(r.group_size)]
-    return score_rollout(rollout, golds, reward_fn)
+    return score_rollout(rollout, golds, reward_fn, reward_columns(problems, r.group_size))
 
 
 def sample_batch(

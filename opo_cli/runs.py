@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from opo_cli.config import EvalSettings, check_paths, looks_local, validate_eval
 from opo_cli.errors import UserError
+from opo_cli.rewards import build_reward
 from opo_cli.tracking import WANDB_ID_FILE
 
 STATE_FILE = "trainer_state.pt"
@@ -81,6 +82,7 @@ def check_eval(cfg: DictConfig) -> tuple[EvalSettings, list[str]]:
     """The checked `eval.*` settings and the model folders (or hub id) of `checkpoint=`."""
     s = validate_eval(cfg)
     check_paths(cfg)
+    build_reward(cfg.dataset)  # the reward's name, import and arguments, before any model
     if not cfg.checkpoint:
         raise UserError("checkpoint= is required: a run folder, a model folder or a hub id")
     return s, model_candidates(str(cfg.checkpoint))

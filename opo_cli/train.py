@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from opo_cli.batching import micro_batches, micro_logps
-from opo_cli.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
+from opo_cli.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from opo_cli.config import TrainSettings, validate_eval, validate_lora, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
 from opo_cli.errors import UserError
@@ -27,8 +27,8 @@ from opo_cli.evaluate import check_held_out, held_out_metrics
 from opo_cli.lora import AdapterOff, add_adapter, save_final
 from opo_cli.losses import ROW_SEPARABLE, LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
-from opo_cli.rewards import get_reward
-from opo_cli.rollout import Rollout, sample_batch
+from opo_cli.rewards import Reward, RewardError, build_reward
+from opo_cli.rollout import Rollout, reward_columns, sample_batch
 from opo_cli.runs import list_checkpoints, set_aside_previous_run
 from opo_cli.stopping import BadStepCounter, Diverged, Interrupted, SignalStop
 from opo_cli.tracking import PLAIN, Tracker, console, warn_damaged
@@ -324,6 +324,28 @@ def save_state(run_dir: Path, state: RunState, s: TrainSettings) -> Path:
     )
 
 
+def guarded_step(
+    run_dir: Path, state: RunState, problems, reward_fn: Reward, s: TrainSettings, cfg, step: int
+) -> dict:
+    """`train_step`, or when the reward fails (raises, returns garbage, runs past
+    `dataset.reward_timeout_s`), a checkpoint of the state before the step and a one-line
+    `RewardError`: the same command resumes at this step once the reward is fixed."""
+    rng, position = rng_state(), state.sampler.state_dict()
+    try:
+        p = state.policy
+        return train_step(
+            p, state.opt, state.sched, state.sampler, problems, reward_fn, s, cfg, step
+        )
+    except RewardError as e:
+        set_rng_state(rng)  # the step's draws never happened: a resume replays them
+        state.sampler.load_state_dict(position)
+        saved = save_state(run_dir, state, s)
+        raise RewardError(
+            f"{e}; stopped at step {step} with checkpoint {saved}: "
+            "fix the reward and run the same command again to resume"
+        ) from e
+
+
 def is_save_step(step: int, t) -> bool:
     """The last step, and every `trainer.save_every`-th one."""
     return step == t.steps or (t.save_every > 0 and step % t.save_every == 0)
@@ -371,13 +393,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     dtype = pick_dtype(s.trainer.dtype, device)
     problems, held_out = load_problems(cfg.dataset)
     check_held_out(ev, held_out)
+    reward_fn = build_reward(cfg.dataset)
+    probe = problems[:4]  # a broken reward fails here, before any model is loaded
+    reward_fn.probe([p.answer for p in probe], reward_columns(probe, 1))
     if note := inert_mu_note(s):
         console.print(note, **PLAIN)
     initial = initial_model_path(cfg, problems)
     state = start_state(cfg, s, run_dir, initial, device, dtype, len(problems))
-    policy, opt, sched, sampler = state.policy, state.opt, state.sched, state.sampler
+    policy = state.policy
     problems = formatted_problems(problems, policy.tok, cfg.dataset)  # as the policy sees them
-    reward_fn = get_reward(cfg.dataset.reward)
     tracker = Tracker(cfg, run_dir, start_step=state.step, total_steps=s.trainer.steps)
     bad_steps = BadStepCounter(s.trainer.max_bad_steps)
     updates_per_step = s.trainer.epochs * s.trainer.mini_batches
@@ -385,7 +409,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     with SignalStop() as stop:
         try:
             for step in range(state.step + 1, s.trainer.steps + 1):
-                row = train_step(policy, opt, sched, sampler, problems, reward_fn, s, cfg, step)
+                row = guarded_step(run_dir, state, problems, reward_fn, s, cfg, step)
                 if ev.every and step % ev.every == 0:
                     row |= held_out_metrics(policy.model, policy.tok, held_out, cfg.dataset, ev)
                 tracker.log(step, row)
