@@ -34,6 +34,7 @@ from rich.table import Table
 from opo_cli.config import EvalSettings
 from opo_cli.data import Problem, dataset_problems, prompt_texts
 from opo_cli.errors import UserError
+from opo_cli.generation import generate_own, sampling_config, stop_token_ids
 from opo_cli.models import load_policy, pick_device, pick_dtype
 from opo_cli.rewards import answer_key, extract_boxed, get_reward
 from opo_cli.rollout import completion_mask_from_ids
@@ -132,22 +133,27 @@ def generate_completions(
     model, tok, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float, top_p: float
 ) -> tuple[list[str], list[int], list[bool]]:
     """n completions per prompt (greedy when n == 1), grouped by prompt: texts, token counts
-    (EOS included) and truncated flags."""
+    (EOS included) and truncated flags. Sampling is at `temperature` with `top_p` and nothing
+    else, whatever the model's own generation config says; any EOS id it names ends a
+    completion (`opo_cli.generation`)."""
     enc = tok(prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     prompt_ids = enc.input_ids.to(device)  # (B, Lp) left-padded
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=enc.attention_mask.to(device),
+    stop_ids = stop_token_ids(model, tok)
+    config = sampling_config(
+        stop_ids=stop_ids,
+        pad_id=tok.pad_token_id,
         max_new_tokens=max_new_tokens,
-        num_return_sequences=n,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        **(sampling if n > 1 else {"do_sample": False}),
+        temperature=temperature,
+        top_p=top_p,
+        greedy=n == 1,
+    )
+    config.num_return_sequences = n
+    out = generate_own(
+        model, config, input_ids=prompt_ids, attention_mask=enc.attention_mask.to(device)
     )
     completion_ids = out[:, prompt_ids.shape[1] :]  # (B * n, Lc), prompt k's samples contiguous
-    mask, truncated = completion_mask_from_ids(completion_ids, tok.eos_token_id)  # (B*n, Lc)
+    mask, truncated = completion_mask_from_ids(completion_ids, stop_ids)  # (B*n, Lc)
     completion_ids = torch.where(mask.bool(), completion_ids, tok.pad_token_id)  # (B * n, Lc)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
     return texts, mask.sum(-1).long().tolist(), truncated.tolist()

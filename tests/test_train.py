@@ -100,7 +100,7 @@ def test_token_logps_values_and_gradient():
 def test_completion_mask_counts_up_to_and_including_first_eos():
     eos = 9
     ids = torch.tensor([[5, 9, 9, 9], [5, 6, 7, 8], [9, 1, 9, 2]])
-    mask, truncated = completion_mask_from_ids(ids, eos)
+    mask, truncated = completion_mask_from_ids(ids, [eos])
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert truncated.tolist() == [False, True, False]
 
