@@ -5,7 +5,8 @@ Marked `vllm` and skipped where vLLM is not importable; CI runs them in a venv o
 
     .venv-vllm/bin/python -m pytest -m vllm -q -p no:cacheprovider
 
-vLLM's CPU attention serves head sizes 32, 64, ...: the models here have head size 32.
+vLLM's CPU attention serves head sizes 32, 64, ...: the models here have head size 32
+(`model=tiny_vllm`).
 One engine (float32, eager, a 64 MiB KV cache) serves the module's direct tests.
 """
 
@@ -43,15 +44,14 @@ ENGINE = [  # small and quick to start: eager, 64 MiB of KV cache
     "rollout.vllm.enforce_eager=true",
     "rollout.vllm.kv_cache_memory_bytes=67108864",
 ]
-HEAD_32 = ["model.tiny.hidden_size=64", "model.tiny.heads=2"]  # head size 32
 TINY_RUN = [  # a few seconds a step at most on a loaded 2-core CPU
+    "model=tiny_vllm",  # head size 32
     "logger=none",
     "rollout.prompts_per_step=2",
     "rollout.group_size=4",
     "rollout.max_new_tokens=4",
     "model.tiny.warm_start.steps=20",
     "model.tiny.intermediate_size=64",
-    *HEAD_32,
 ]
 PROMPTS = ["1+2=", "13+15=", "7+19=", "0+0=", "13+15="]  # left padding; a prompt twice
 SETTINGS = VLLMSettings(enforce_eager=True, kv_cache_memory_bytes=64 << 20)
@@ -194,7 +194,7 @@ def test_opo_train_with_vllm_learns_as_hf_does(cache, tmp_path):
     rises = {}
     for backend in ("hf", "vllm"):
         engine = ENGINE if backend == "vllm" else []
-        T.train(compose_train(cache, *HEAD_32, *engine), tmp_path / backend)
+        T.train(compose_train(cache, "model=tiny_vllm", *engine), tmp_path / backend)
         rises[backend] = rise(tmp_path / backend)
     rows = read_metrics(tmp_path / "vllm" / "metrics.jsonl")
     assert len(rows) == 100 and (tmp_path / "vllm" / "final" / "model.safetensors").exists()
@@ -235,7 +235,7 @@ def test_sigterm_with_vllm_checkpoints_and_resumes_to_the_uninterrupted_metrics(
 
 @pytest.mark.vllm
 def test_opo_eval_with_vllm_greedy_equals_hf_greedy(cache, tmp_path):
-    cfg = compose_train(cache, *HEAD_32)
+    cfg = compose_train(cache, "model=tiny_vllm")
     problems, _ = T.load_problems(cfg.dataset)
     folder = T.initial_model_path(cfg, problems)  # the warm-started tiny model
     results = {}
