@@ -131,6 +131,7 @@ class VLLMBackend:
         self.llm = start_engine(o)
         self.cuda = o.device.type == "cuda"
         self.device = o.device
+        self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self.raw_logps = o.temperature == 1  # logprobs_mode: raw_logprobs, else processed
         self.asleep = False
 
@@ -158,6 +159,7 @@ class VLLMBackend:
         pairs = zip(ids, mask.bool(), strict=True)  # (Lp,) x 2 per prompt: padding dropped
         prompts = [TokensPrompt(prompt_token_ids=row[m].tolist()) for row, m in pairs]
         seed = int(torch.randint(0, 2**31 - 1 - n * len(prompts), ()))
+        stops = [i for i in stop_ids if i < self.vocab]  # vLLM refuses ids it cannot sample
         params = [
             SamplingParams(
                 n=n,
@@ -167,7 +169,7 @@ class VLLMBackend:
                 max_tokens=max_new_tokens,
                 logprobs=0 if want_logps else None,
                 seed=None if greedy else seed + k * n,  # one seed per sample (vLLM adds the index)
-                stop_token_ids=list(stop_ids),
+                stop_token_ids=stops,
                 detokenize=False,
             )
             for k in range(len(prompts))
