@@ -79,11 +79,6 @@ def group_sum(values: Tensor, group_size: int) -> Tensor:
     return group_view(values, group_size).sum(-1)  # (P,)
 
 
-def group_std(values: Tensor, group_size: int) -> Tensor:
-    """Bessel-corrected std of `values` within each group. (N,) -> (P,)."""
-    return group_view(values, group_size).std(-1)  # (P,)
-
-
 def extreme_pairs(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """Online preference pairs: per group, chosen = first argmax R, rejected = first argmin R.
 

@@ -28,10 +28,8 @@ from torch import Tensor
 from opo_cli.advantages import (
     centered_escort_drive,
     extreme_pairs,
-    group_centered,
     group_normalized,
     group_softmax,
-    group_std,
     group_sum,
     group_view,
     uniform_group_fraction,
@@ -196,13 +194,15 @@ def gspo_loss(
     x: LossInputs, *, clip_low: float = 3e-4, clip_high: float = 4e-4
 ) -> tuple[Tensor, Stats]:
     """GSPO (Zheng et al. 2025, arXiv 2507.18071): the clip acts on the sequence ratio
-    `s_i = exp(Δ_i)`, Δ_i the length-normalised log-ratio; mean over sequences."""
+    `s_i = exp(Δ_i)`, Δ_i the length-normalised log-ratio; mean over sequences. A row with no
+    completion token adds 0 (as in verl and TRL), not −A_i, though it counts in the mean."""
     _check_clip(clip_low, clip_high)
     adv = group_normalized(x.rewards, x.group_size)  # (N,)
     seq_ratio = torch.exp(_sequence_log_ratio(x))  # (N,)
     per_seq, low, high = _clipped_surrogate(
         seq_ratio, adv, clip_low=clip_low, clip_high=clip_high
     )  # (N,)
+    per_seq = torch.where(x.mask.sum(-1) > 0, per_seq, torch.zeros_like(per_seq))  # (N,)
     stats = {
         "train/clip_frac_low": low.double().mean().item(),
         "train/clip_frac_high": high.double().mean().item(),
@@ -287,16 +287,68 @@ def opo_loss(x: LossInputs, *, alpha: float, mu: float, ratio: str = "log") -> t
     return loss, stats
 
 
-_A_MIN = 1e-3  # floor on a = 1 − α in the 1/a scale of opo_code (α = 1 would divide by 0)
-_TAU_FLOOR = 1e-6  # floor on the adaptive temperature (a group with all Δ equal)
+_AUTHOR_EPS = 1e-10  # the author's epsilon inside (q+eps)^a (p+eps)^(1-a) and its normaliser
 
 
-def _policy_temperature(delta: Tensor, group_size: int, *, tau: float, adaptive: bool) -> Tensor:
-    """Per-group temperature of `p = softmax(Δ/τ)`: `tau`, or `tau·std_group(Δ)` if adaptive."""
-    n_groups = group_view(delta, group_size).shape[0]
-    if not adaptive:
-        return delta.new_full((n_groups,), tau)  # (P,)
-    return tau * group_std(delta, group_size).clamp(min=_TAU_FLOOR)  # (P,)
+def _check_opo_code(
+    alpha: float, mu: float, tau: float, beta_reward: float, vocab_size: int, **nonneg: float
+) -> None:
+    _check_opo(alpha, mu, "log")
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2 (the proxy uses log V), got {vocab_size}")
+    if alpha == 1.0:
+        raise ValueError("opo_code needs alpha < 1: its direction term is scaled by 1/(1 - alpha)")
+    if not (tau > 0.0 and beta_reward > 0.0):
+        raise ValueError(f"tau and beta_reward must be > 0, got {tau} and {beta_reward}")
+    for name, value in nonneg.items():
+        if value < 0.0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def author_advantages(rewards: Tensor, group_size: int, *, scale_rewards: bool) -> Tensor:
+    """The author's `compute_adpo_advantages`: `R − mean_group R`, divided by the group's
+    Bessel std (its variance floored at 1e-10; 1 for a group of one) when `scale_rewards`."""
+    r = group_view(rewards, group_size)  # (P, G)
+    centred = r - r.mean(-1, keepdim=True)  # (P, G)
+    if not scale_rewards:
+        return centred.flatten()  # (N,)
+    if group_size == 1:
+        return centred.flatten()  # (N,) all 0: the author divides by 1
+    var = centred.square().sum(-1, keepdim=True) / (group_size - 1)  # (P, 1) Bessel
+    return (centred / var.clamp(min=1e-10).sqrt()).flatten()  # (N,)
+
+
+def author_temperature(
+    seq_logp: Tensor,
+    seq_old_logp: Tensor,
+    adv: Tensor,
+    *,
+    tau: float,
+    alpha_h: float,
+    beta_c: float,
+    tau_min: float,
+    tau_max: float,
+    vocab_size: int,
+) -> tuple[Tensor, dict[str, float]]:
+    """The author's adaptive temperature: one value for the whole batch the loss is given.
+
+    `h_static` = batch mean of clamp(−old per-token mean log-prob / log V, 0, 1) (the sampling
+    policy's entropy proxy), `confidence` = 1 − the same for the current policy, and
+    `reward_signal` = 2·mean((A − min A)/max(max A − min A, 1e-6)) − 1 over the batch;
+    τ = clamp(tau·(1 + alpha_h·h_static + beta_c·confidence·(−reward_signal)), tau_min, tau_max).
+    """
+    log_v = math.log(vocab_size)
+    h_static = (-seq_old_logp / log_v).clamp(0.0, 1.0).mean()  # ()
+    confidence = 1.0 - (-seq_logp / log_v).clamp(0.0, 1.0).mean()  # ()
+    spread = (adv.max() - adv.min()).clamp(min=1e-6)  # ()
+    reward_signal = 2.0 * ((adv - adv.min()) / spread).mean() - 1.0  # ()
+    temp = tau * (1.0 + alpha_h * h_static + beta_c * confidence * (-reward_signal))  # ()
+    stats = {
+        "opo/h_static": h_static.item(),
+        "opo/confidence": confidence.item(),
+        "opo/reward_signal": reward_signal.item(),
+    }
+    return temp.clamp(tau_min, tau_max), stats
 
 
 def _normalized_entropy(p: Tensor, group_size: int) -> float:
@@ -312,45 +364,94 @@ def opo_code_loss(
     *,
     alpha: float,
     mu: float,
-    beta_q: float = 1.0,
-    tau: float = 1.0,
-    adaptive_tau: bool = False,
-    ratio: str = "log",
+    tau: float = 0.5,
+    beta_reward: float = 0.3,
+    scale_rewards: bool = True,
+    use_length_normalization: bool = True,
+    clip_log_ratio: float = 5.0,
+    clip_anchored_score: float = 10.0,
+    use_adaptive_tau: bool = False,
+    adaptive_tau_alpha: float = 0.2,
+    adaptive_tau_beta: float = 0.5,
+    adaptive_tau_min: float = 0.2,
+    adaptive_tau_max: float = 1.5,
+    vocab_size: int = 32000,
+    logit_reg_coef: float = 0.0,
+    grad_clip_value: float = 0.0,
 ) -> tuple[Tensor, Stats]:
-    """OPO as in the author's public verl code (arXiv 2601.12415), not the paper's Algorithm 1.
+    """OPO as its author runs it (arXiv 2601.12415), not the paper's Algorithm 1.
 
-    An approximation of that code from its description (DESIGN §1), kept as its own method:
-    - target `q = softmax(A/β_q)` over the group, A = group-centred rewards;
-    - policy term `p = softmax(Δ/τ)` over the group, Δ detached (it only sets weights);
-      τ = `tau`, or with `adaptive_tau` τ = `tau`·std_group(Δ) (floored at 1e-6), which keeps
-      Δ/τ at unit spread so the normalised entropy of p stays put as Δ grows or shrinks;
-    - weight `w = q^a · p^(1−a)`, a = 1 − α, normalised to sum 1 over the group;
-    - drive `d = (w − mean_group w) / a`, with a floored at 1e-3 (α = 1 would divide by 0);
-    - loss per group `Σ_j [−d_j·v_j + (μ/2)·v_j²]`, then the mean over groups.
-    Rows of a group are coupled through both softmaxes: pass whole groups.
+    The `opo` loss variant of github wk222/verlm, verl/trainer/adpo/core_algos.py (read at
+    commit 20c210d0697d0333a65f80c3e69a695c3cee8673), advantages included. Option names are the
+    author's; their defaults are the code's own (conf/method/opo_code.yaml holds the values of
+    the author's config). `alpha` is ours: the author's is a = 1 − alpha. Per row,
+    ℓ = per-token mean (or, without `use_length_normalization`, sum) of logp, ℓ_old likewise,
+    Δ = clamp(ℓ − ℓ_old, ±clip_log_ratio):
+    - A = R − mean_group R, divided by the group std when `scale_rewards`;
+    - q = softmax_group(A/beta_reward), u = clamp(Δ/τ, ±clip_anchored_score), p = softmax_group(u);
+      τ = `tau`, or with `use_adaptive_tau` one batch-level value (`author_temperature`);
+    - w = (q + ε)^a·(sg[p] + ε)^(1−a) / (Σ_group + ε), ε = 1e-10;
+    - per group: −(1/a)·Σ_j w_j·ℓ_j + (μ/2)·mean_j Δ_j², then the mean over groups;
+    - with `grad_clip_value` > 0 that mean is divided by sg[max(|L|/grad_clip_value, 1)];
+    - plus `logit_reg_coef`·(mean over groups of logsumexp_group u)².
+    A clip of 0 turns it off. Rows are coupled within a group (softmaxes) and across the batch
+    (τ, the logit term): pass whole groups.
     """
-    _check_opo(alpha, mu, ratio)
-    if not (beta_q > 0.0 and tau > 0.0):
-        raise ValueError(f"beta_q and tau must be > 0, got beta_q={beta_q}, tau={tau}")
-    G = x.group_size
-    delta = _sequence_log_ratio(x)  # (N,) length-normalised log-ratio
-    v = _ratio_coordinate(delta, ratio)  # (N,) ratio coordinate
-    q = group_softmax(group_centered(x.rewards, G), G, temperature=beta_q)  # (N,) target
-    temp = _policy_temperature(delta.detach(), G, tau=tau, adaptive=adaptive_tau)  # (P,)
-    p = group_softmax(delta.detach(), G, temperature=temp)  # (N,) policy term, no grad
-    a = 1.0 - alpha
-    w = q.pow(a) * p.pow(1.0 - a)  # (N,) geometric mix
-    w = w / group_sum(w, G).repeat_interleave(G)  # (N,) sums to 1 per group
-    drive = group_centered(w, G) / max(a, _A_MIN)  # (N,) centred, scaled by 1/a
-    loss = group_sum(-drive * v + 0.5 * mu * v.square(), G).mean()  # () mean over groups
+    _check_opo_code(
+        alpha,
+        mu,
+        tau,
+        beta_reward,
+        vocab_size,
+        clip_log_ratio=clip_log_ratio,
+        clip_anchored_score=clip_anchored_score,
+        logit_reg_coef=logit_reg_coef,
+        grad_clip_value=grad_clip_value,
+    )
+    G, a = x.group_size, 1.0 - alpha
+    lengths = x.mask.sum(-1).clamp(min=1.0) if use_length_normalization else 1.0  # (N,) or 1
+    seq_logp = _masked(x.logps, x.mask).sum(-1) / lengths  # (N,) ℓ, with grad
+    seq_old_logp = _masked(x.old_logps, x.mask).sum(-1) / lengths  # (N,) ℓ_old
+    delta = seq_logp - seq_old_logp  # (N,)
+    if clip_log_ratio > 0:
+        delta = delta.clamp(-clip_log_ratio, clip_log_ratio)  # (N,)
+    adv = author_advantages(x.rewards, G, scale_rewards=scale_rewards)  # (N,)
+    temp, tau_stats = author_temperature(
+        seq_logp.detach(),
+        seq_old_logp,
+        adv,
+        tau=tau,
+        alpha_h=adaptive_tau_alpha,
+        beta_c=adaptive_tau_beta,
+        tau_min=adaptive_tau_min,
+        tau_max=adaptive_tau_max,
+        vocab_size=vocab_size,
+    )
+    if not use_adaptive_tau:
+        temp = delta.new_tensor(tau)  # ()
+    scores = delta / temp  # (N,) anchored scores u
+    if clip_anchored_score > 0:
+        scores = scores.clamp(-clip_anchored_score, clip_anchored_score)  # (N,)
+    q = group_softmax(adv, G, temperature=beta_reward)  # (N,) target
+    p = group_softmax(scores.detach(), G, temperature=1.0)  # (N,) policy term, no grad
+    w = (q + _AUTHOR_EPS).pow(a) * (p + _AUTHOR_EPS).pow(1.0 - a)  # (N,)
+    w = w / (group_sum(w, G).repeat_interleave(G) + _AUTHOR_EPS)  # (N,) sums to ~1 per group
+    direction = -group_sum(w * seq_logp, G) / a  # (P,)
+    stiffness = 0.5 * mu * group_view(delta.square(), G).mean(-1)  # (P,)
+    loss = (direction + stiffness).mean()  # ()
+    if grad_clip_value > 0:
+        loss = loss / (loss.detach().abs() / grad_clip_value).clamp(min=1.0)  # ()
+    log_z = torch.logsumexp(group_view(scores, G), dim=-1)  # (P,) with grad through u
+    logit_reg = logit_reg_coef * log_z.mean().square()  # ()
     stats = {
-        "opo/v_sq_mean": v.detach().square().mean().item(),
-        "opo/drive_abs_max": drive.abs().max().item(),
+        "opo/v_sq_mean": delta.detach().square().mean().item(),
+        "opo/tau": float(temp),
         "opo/p_entropy_norm": _normalized_entropy(p, G),
-        "opo/tau_mean": temp.mean().item(),
+        "opo/logit_reg": logit_reg.item(),
+        **tau_stats,
         **_shared_stats(x),
     }
-    return loss, stats
+    return loss + logit_reg, stats
 
 
 # ---------------------------------------------------------------- registry
@@ -367,7 +468,8 @@ LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
 
 # Losses whose gradient w.r.t. a row's log-probs depends on that row alone (L = Σ_i f_i(row i),
 # the f_i fixed by rewards and masks): micro-batches of them need no gradient caching
-# (`opo_cli.train.backward_minibatch`). dpo couples each pair, opo_code a group through p;
+# (`opo_cli.train.backward_minibatch`). dpo couples each pair, opo_code a group through p
+# and the whole batch through its adaptive τ and logit term;
 # tests check both directions of this declaration.
 ROW_SEPARABLE = frozenset({"opo", "grpo", "dapo", "gspo"})
 

@@ -2,11 +2,13 @@
 
 `grade_math` / `score_math` grade MATH answers: the last `\\boxed{}` of the response against the
 last `\\boxed{}` of the gold solution (or the gold itself when it is a bare answer). Equal
-strings after light normalisation pass at once; everything else goes to math-verify, which runs
-in a small pool of grading subprocesses. Each case has a hard time limit: a worker that overruns
-it is killed and replaced, so a pathological answer (say `9^{9^{9^{9}}}`, which sympy tries to
-expand inside C code that no signal can interrupt) costs one case, never the run. The parent
-process never imports sympy and never evaluates model text.
+strings after normalisation pass at once; plain decimals, times of day and numerals in a base
+are decided here; everything else goes to math-verify, which runs in a small pool of grading
+subprocesses. A number never equals an expression in a variable (docs/math.md, "Grading").
+Each case has a hard time limit: a worker that overruns it is killed and replaced, so a
+pathological answer (say `9^{9^{9^{9}}}`, which sympy tries to expand inside C code that no
+signal can interrupt) costs one case, never the run. The parent process never imports sympy
+and never evaluates model text.
 
     from opo_cli.rewards import grade_math, score_math
     grade_math(r"so $x=\\boxed{\\dfrac12}$", r"... hence $\\boxed{0.5}$.")   # True
@@ -86,15 +88,29 @@ def extract_boxed(text: str) -> str | None:
 
 # ------------------------------------------------------------------------------ normalisation
 
+# 111,\!111  111, \! 111  15{,}000  1\,000: always one number, so removed before anything reads
+# the commas as a set (a plain comma, 15,600, may also be a list: see _read_plain_commas)
+_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:(?:\s*,\s*\\!\s*|\s*\{,\}\s*|\\,)\d{3})+(?![\d])")
+_THOUSANDS_SEP = re.compile(r"[^\d]+")
 _DROP = [  # (pattern, replacement): presentation only, never the value
     (re.compile(r"\\(?:left|right)(?![A-Za-z])"), ""),
-    (re.compile(r"\\[dt]frac(?![A-Za-z])"), r"\\frac"),
-    (re.compile(r"(\\\\)|\\[,;:! ]"), r"\1"),  # thin spaces go, a \\ row break stays
+    (re.compile(r"(?<=\\)[dt](?=frac(?![A-Za-z]))"), ""),  # \dfrac -> \frac
+    (re.compile(r"\\\\|\\[,;:! ]"), lambda m: m[0] if m[0] == "\\\\" else ""),  # \\ row break stays
     (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree"), ""),  # 30^\circ -> 30
     (re.compile(r"\\?%"), ""),  # 10\% -> 10: MATH graders read "what percent" answers this way
     (re.compile(r"\\?\$"), ""),  # \$18.90 and stray math delimiters
+    (re.compile(r"(?<=\d)i(?![A-Za-z])"), " i"),  # 0.2i -> 0.2 i: math-verify's cue for complex i
 ]
 _REPEATING = re.compile(r"^(-?)(\d*)\.(\d*)\\overline\{(\d{1,30})\}$")
+# a unit after a value: 10\text{ cm}, 144 \mbox{ m}^3, 25 students; words only, never one letter
+# in math mode (4t is 4 times t) and never the imaginary unit or e. No MATH gold ends in a plain
+# word of three or more small letters after a space, so such a word is a unit, not variables
+_TEXT_UNIT = re.compile(
+    r"\\(?:text|textrm|mbox|mathrm)\s*\{\s*(?!(?:i|e)\s*\})[A-Za-z][A-Za-z.\s]*\}"
+    r"(?:\s*\^\s*\{?\d\}?)?\s*\.?$"
+)
+_WORD_UNIT = re.compile(r"(?:\s+(?:[a-z]{3,}|cm|mm|km|kg|ft|sq\.?)){1,3}(?:\s*\^\s*\{?\d\}?)?$")
+_TEXT_LIST = re.compile(r"^\\(?:text|textbf|mbox)\s*\{([^{}]*,[^{}]*)\}$")
 
 
 def _repeating_decimal(ans: str) -> str:
@@ -106,6 +122,92 @@ def _repeating_decimal(ans: str) -> str:
     value = Fraction(int(whole or "0")) + Fraction(int(fixed or "0"), 10 ** len(fixed))
     value += Fraction(int(rep), 10 ** len(fixed) * (10 ** len(rep) - 1))
     return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
+def _strip_unit(ans: str) -> str:
+    """10\\text{ cm}^2 -> 10, 5 square units -> 5; the value is kept whole or nothing changes."""
+    for pattern in (_TEXT_UNIT, _WORD_UNIT) if "\\" in ans else (_WORD_UNIT,):
+        m = pattern.search(ans)
+        if m is not None:
+            value = ans[: m.start()].rstrip()
+            if value and value[-1] not in "^_{" and "\\text" not in value and "\\mbox" not in value:
+                return value
+    return ans
+
+
+def _text_list(ans: str) -> str:
+    """\\text{B, C} -> \\text{B}, \\text{C}: a list of choices, compared as the set it is."""
+    m = _TEXT_LIST.match(ans) if ans.startswith("\\") else None
+    if m is None:
+        return ans
+    return ", ".join(f"\\text{{{item.strip()}}}" for item in m[1].split(",") if item.strip())
+
+
+_CLOCK = re.compile(r"^(\d{1,2})(?::(\d{2}))?([ap])\.?m\.?$", re.IGNORECASE)
+_TEXT_GROUP = re.compile(r"\\(?:text|textrm|mbox|mathrm)\s*\{([^{}]*)\}")
+
+
+def _clock_time(ans: str) -> str:
+    """4:30 \\text{ p.m.}, \\text{4:30 PM}, 9\\text{ a.m.} -> \\text{4:30 p.m.}: a time of day,
+    not the ratio 4:30; other answers unchanged."""
+    if "m" not in ans and "M" not in ans:
+        return ans
+    m = _CLOCK.match(_key(_TEXT_GROUP.sub(r"\1", ans)))
+    if m is None or int(m[1]) > 12 or int(m[2] or 0) > 59:
+        return ans
+    return f"\\text{{{int(m[1])}:{m[2] or '00'} {m[3].lower()}.m.}}"
+
+
+_HOURS_MINUTES = re.compile(r"^(\d{1,2}):(\d{2})$")
+
+
+def _times_of_day(ans: str) -> set[int] | None:
+    """The minutes after midnight a normalised 4:30 p.m. (one) or a bare 4:30 (4:30 or 16:30)
+    can mean; None if the answer is neither."""
+    m = _CLOCK.match(_key(ans[6:-1])) if ans.startswith("\\text{") else None
+    if m is not None:
+        return {(int(m[1]) % 12 + 12 * (m[3].lower() == "p")) * 60 + int(m[2] or 0)}
+    m = _HOURS_MINUTES.match(ans)
+    if m is None or int(m[1]) > 23 or int(m[2]) > 59:
+        return None
+    hours = {int(m[1])} if int(m[1]) > 12 else {int(m[1]) % 12, int(m[1]) % 12 + 12}
+    return {h * 60 + int(m[2]) for h in hours}
+
+
+def _same_time(pred: str, ref: str) -> bool | None:
+    """None unless one side is a time of day (4:30 p.m.); then whether the other can be that
+    time: 4:30 p.m., 16:30 or a bare 4:30 (the question often says which half of the day)."""
+    if not (_is_time_of_day(pred) or _is_time_of_day(ref)):
+        return None
+    p, r = _times_of_day(pred), _times_of_day(ref)
+    return bool(p and r and p & r)
+
+
+def _is_time_of_day(ans: str) -> bool:
+    return ans.startswith("\\text{") and _CLOCK.match(_key(ans[6:-1])) is not None
+
+
+_DECIMAL = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
+
+
+def _same_decimal(pred: str, ref: str) -> bool | None:
+    """None unless both are plain decimals (2.50, .0000672, 7); then exact equality: math-verify
+    rounds floats to 6 places, which would take .0000673 for .0000672."""
+    if _DECIMAL.match(pred) is None or _DECIMAL.match(ref) is None:
+        return None
+    return Fraction(pred) == Fraction(ref)
+
+
+_NUMERAL = re.compile(r"^(?=-?[0-9A-Za-z.]*\d)(-?[0-9A-Za-z.]+)(?:_\{?(\d{1,2})\}?)?$")  # x_1: no
+
+
+def _same_numeral(pred: str, ref: str) -> bool | None:
+    """None unless one side is a numeral with a base (25_6, -0.11_{2}); then whether the other is
+    that numeral, in the same base or with no base written (math-verify drops the base)."""
+    p, r = _NUMERAL.match(pred), _NUMERAL.match(ref)
+    if not ((p and p[2]) or (r and r[2])):
+        return None
+    return bool(p and r and p[1].upper() == r[1].upper() and (p[2] == r[2] or None in (p[2], r[2])))
 
 
 def _split_top_level(s: str) -> list[str] | None:
@@ -138,11 +240,47 @@ def _tuple_as_column(ans: str, other: str) -> str:
 
 
 def _normalise(ans: str) -> str:
-    """Strip presentation (\\left, \\dfrac, spacing, degrees, %, $, final period)."""
+    """Strip presentation (\\left, \\dfrac, spacing, thousands separators, degrees, %, $,
+    units, final period); a time of day and a \\text{} list of choices in one form."""
+    if "," in ans:
+        ans = _THOUSANDS.sub(lambda m: _THOUSANDS_SEP.sub("", m[0]), ans)
     for pattern, repl in _DROP:
         ans = pattern.sub(repl, ans)
     ans = ans.strip().rstrip(".").strip()
-    return _repeating_decimal(ans)
+    clock = _clock_time(ans)
+    if clock != ans:
+        return clock
+    return _repeating_decimal(_strip_unit(_text_list(ans)))
+
+
+_PLAIN_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d])")
+
+
+def _read_plain_commas(ans: str, as_list: bool) -> str:
+    """15,600 outside brackets: one number, or (as_list) the list 15, 600.
+
+    MATH golds write both (61,328 numbers; 70,110 for the solutions 70 and 110), so the gold's
+    reading follows the response's form, and the response's the gold's. Inside brackets a comma
+    always separates: (20,100) is a pair.
+    """
+    if "," not in ans:
+        return ans
+
+    out, depth, end = [], 0, 0
+    for m in _PLAIN_THOUSANDS.finditer(ans):
+        gap = ans[end : m.start()]
+        depth += sum(gap.count(c) for c in "([{") - sum(gap.count(c) for c in ")]}")
+        out += [gap, m[0] if depth else m[0].replace(",", ", " if as_list else "")]
+        end = m.end()
+    return "".join([*out, ans[end:]])
+
+
+def _is_list(ans: str) -> bool:
+    """A top-level comma list (1, 2 or x=2, x=6); digit groups (15,600) do not count."""
+    if "," not in ans:
+        return False
+    parts = _split_top_level(_read_plain_commas(ans, as_list=False))
+    return parts is not None and len(parts) > 1
 
 
 def _key(ans: str) -> str:
@@ -182,9 +320,13 @@ def _cap_cpu_for_next_case() -> None:
 
 def _verify(pred: str, gold: str, soft_s: int) -> bool:
     """math-verify on two answers (runs in a worker: main thread, so its signal timeouts work)."""
+    from latex2sympy2_extended.math_normalization import NormalizationConfig
     from math_verify import LatexExtractionConfig, parse, verify
 
-    cfg = [LatexExtractionConfig(boxed_match_priority=0)]
+    # math-verify's defaults but for units=False: its unit list holds single letters (c, d, g,
+    # h, l, m, o, s, t), so 4t would read as 4 with the unit t; _strip_unit does units here
+    norm = NormalizationConfig(basic_latex=True, units=False, malformed_operators=True, nits=True)
+    cfg = [LatexExtractionConfig(boxed_match_priority=0, normalization_config=norm)]
     gold_p = parse(f"$\\boxed{{{gold}}}$", cfg, parsing_timeout=soft_s)
     pred_p = parse(f"$\\boxed{{{pred}}}$", cfg, parsing_timeout=soft_s)
     return bool(gold_p and pred_p and verify(gold_p, pred_p, timeout_seconds=soft_s))
@@ -375,11 +517,21 @@ def _triage(response: str, gold: str, fast_path: bool) -> bool | tuple[str, str]
     pred, ref = _normalise(pred), _normalise(ref)
     if not pred or not ref:
         return False
+    pred, ref = _read_plain_commas(pred, _is_list(ref)), _read_plain_commas(ref, _is_list(pred))
     pred, ref = _tuple_as_column(pred, ref), _tuple_as_column(ref, pred)
     if fast_path and _key(pred) == _key(ref):
         return True
     if len(pred) > _MAX_ANSWER_CHARS or len(ref) > _MAX_ANSWER_CHARS:
         return False
+    same_decimal = _same_decimal(pred, ref)
+    if same_decimal is not None:
+        return same_decimal
+    same_time = _same_time(pred, ref)
+    if same_time is not None:  # never the ratio 4:30 that math-verify would read
+        return same_time
+    same_numeral = _same_numeral(pred, ref)
+    if same_numeral is not None:
+        return same_numeral
     return pred, ref
 
 

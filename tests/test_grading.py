@@ -8,10 +8,14 @@ and each case first checks that the gold answer extracted from that row is the o
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from opo_cli.rewards import REWARDS, extract_boxed, get_reward, grade_math, score_math
 from tests.conftest import MATH_DIR
@@ -132,6 +136,260 @@ def test_real_math_answers(test_rows, line, gold_answer, answer, right):
     assert grade_math(boxed(answer), solution) is right
 
 
+# Wrong answers once graded right, and right ones once graded wrong: (line, gold answer, right
+# answers, wrong answers). Each is graded as a response to the real solution and, swapped, the
+# gold answer as a response to each of them.
+CLASS_CASES = [
+    # a dropped variable: math-verify read a trailing t (c, d, g, h, l, m, o, s) as a unit
+    (4301, "4t", ["4t", r"4 \cdot t", "t4"], ["4", "4s", "4x", "5t", "-4t"]),
+    # thousands separators: 111, \! 111 is one number, never the set {111}
+    (
+        4052,
+        r"111, \! 111, \! 111",
+        ["111111111", r"111{,}111{,}111", "111,111,111"],
+        ["111", "111111", "111, 111, 111", "111111110"],
+    ),
+    (
+        3220,
+        r"11,\! 111,\! 111,\! 100",
+        ["11111111100", r"11{,}111{,}111{,}100"],
+        ["11111111000", "11, 111"],
+    ),
+    (
+        1092,
+        r"\frac{8t}{3}",
+        [r"\frac{8}{3}t", r"\frac83 t", r"\dfrac{8t}{3}"],
+        [r"\frac{8}{3}", r"\frac{8}{3}s", r"\frac{3t}{8}"],
+    ),
+    # decimals against fractions with the symbol i (math-verify took 0.2i's i for a real symbol)
+    (
+        2656,
+        r"\frac{7}{5} + \frac{1}{5} i.",
+        ["1.4 + 0.2i", r"\frac{7+i}{5}", r"\frac{1}{5}i + \frac{7}{5}"],
+        ["1.4 - 0.2i", "1.4", "1.4 + 0.2", "0.2 + 1.4i"],
+    ),
+    (
+        4722,
+        r"-128 - 128 \sqrt{3} i",
+        [r"-128-128i\sqrt{3}", r"-128(1 + \sqrt{3}i)"],
+        [r"-128+128i\sqrt{3}", r"-128-128\sqrt{3}", r"128 - 128i\sqrt{3}"],
+    ),
+    # a \text{} list of choices is the set of its choices
+    (
+        None,
+        r"\text{B, C}",
+        ["B, C", "C, B", r"\text{B}, \text{C}"],
+        ["B", "B, D", "B, C, D", r"\text{BC}"],
+    ),
+    (
+        4947,
+        r"\text{C, F, H}",
+        ["C, F, H", "H, C, F", r"\text{C}, \text{F}, \text{H}"],
+        ["C, F", "C, F, G", "CFH"],
+    ),
+    # a time of day, not the ratio 4:30 (the question asks for a time in the afternoon)
+    (
+        4087,
+        r"\text{4:30 p.m.}",
+        [r"4:30 \text{ p.m.}", "4:30 PM", r"4\!:\!30\text{ pm}", "16:30", "4:30"],
+        [r"4:30 \text{ a.m.}", r"\frac{2}{15}", "5:30 p.m.", "4:20 p.m."],
+    ),
+    # a numeral in a base: the base is part of the value (math-verify drops it)
+    (3068, "40_9", ["40_{9}", "40"], ["40_8", "41_9", "36"]),
+]
+CLASS_ROWS = [
+    (line, gold, answer, right)
+    for line, gold, rights, wrongs in CLASS_CASES
+    for answers, right in ((rights, True), (wrongs, False))
+    for answer in answers
+]
+
+
+@pytest.mark.parametrize(("line", "gold_answer", "answer", "right"), CLASS_ROWS)
+def test_answer_classes_both_ways(request, line, gold_answer, answer, right):
+    gold = gold_answer if line is None else request.getfixturevalue("test_rows")[line]["solution"]
+    assert extract_boxed(gold) in (gold_answer, None)
+    assert grade_math(boxed(answer), gold) is right
+    assert grade_math(boxed(gold_answer), answer) is right
+
+
+# A comma between digit groups is a thousands separator in one gold and a list in another:
+# 1478 counts numbers (61,328), 4669 lists the solutions x = 70 and x = 110 (70,110).
+PLAIN_COMMA_CASES = [
+    (1478, "61,328", "61328", True),
+    (1478, "61,328", "61,328", True),
+    (1478, "61,328", "61", False),  # a dropped group
+    (1478, "61,328", "61329", False),
+    (4669, "70,110", "70, 110", True),
+    (4669, "70,110", "110, 70", True),
+    (4669, "70,110", "70", False),
+    (4669, "70,110", "70, 111", False),
+]
+
+
+@pytest.mark.parametrize(("line", "gold_answer", "answer", "right"), PLAIN_COMMA_CASES)
+def test_a_plain_comma_in_the_gold(test_rows, line, gold_answer, answer, right):
+    solution = test_rows[line]["solution"]
+    assert extract_boxed(solution) == gold_answer
+    assert grade_math(boxed(answer), solution) is right
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a plain comma between digit groups is read as the response writes it: the gold's "
+    "form cannot tell the number 61,328 from the solutions 70,110",
+)
+@pytest.mark.parametrize(("line", "answer"), [(1478, "61, 328"), (4669, "70110")])
+def test_a_plain_comma_read_the_wrong_way(test_rows, line, answer):
+    assert not grade_math(boxed(answer), test_rows[line]["solution"])
+
+
+def test_commas_inside_brackets_always_separate():
+    assert grade_math(boxed("(20, 100)"), "(20,100)")
+    assert not grade_math(boxed("(20100)"), "(20,100)")
+    assert grade_math(boxed(r"(2, 12) \cup (12, 102)"), r"(2,12) \cup (12,102)")
+
+
+# ----------------------------------------------------- property: near misses of real golds
+
+_TEXT = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm|operatorname)\s*\{[^{}]*\}")
+
+
+def _math_only(answer: str) -> str:
+    """answer with \\text{...} groups and \\commands blanked out, positions kept."""
+    answer = _TEXT.sub(lambda m: " " * len(m[0]), answer)
+    return re.sub(r"\\[A-Za-z]+", lambda m: " " * len(m[0]), answer)
+
+
+def _variable_sites(answer: str) -> list[int]:
+    """Single-letter variables in math mode, not the left side of an assignment (x = 5)."""
+    m = _math_only(answer)
+    return [
+        i
+        for i, c in enumerate(m)
+        if c.isalpha()
+        and not m[i + 1 : i + 2].isalpha()
+        and not m[i - 1 : i].isalpha()
+        and not re.match(r"\s*=", m[i + 1 :])
+    ]
+
+
+def _digit_sites(answer: str) -> list[int]:
+    """Digits, but not past the 6th decimal place (math-verify rounds floats there)."""
+    return [
+        i for i, c in enumerate(answer) if c.isdigit() and not re.search(r"\d\.\d{6,}$", answer[:i])
+    ]
+
+
+def _sign_sites(answer: str) -> list[int]:
+    """Minus signs in math mode, and -1 for "put a minus in front"; never in front of a 0."""
+    m = _math_only(answer)
+    sites = [i for i, c in enumerate(m) if c == "-"]
+    if not answer.lstrip().startswith("-"):
+        sites.append(-1)
+    zero = re.compile(r"\s*\{?\s*(\d+(?:\.\d*)?)(?![\d.])")
+    return [
+        i
+        for i in sites
+        if not ((z := zero.match(answer[i + 1 :] if i >= 0 else answer)) and float(z[1]) == 0)
+    ]
+
+
+def _drop_variable(answer: str, i: int) -> str:
+    return answer[:i] + answer[i + 1 :]
+
+
+def _change_digit(answer: str, i: int) -> str:
+    return answer[:i] + str((int(answer[i]) + 1) % 10) + answer[i + 1 :]
+
+
+def _flip_sign(answer: str, i: int) -> str:
+    if i < 0:
+        return "-" + answer
+    before = answer[:i].rstrip()
+    binary = bool(before) and (before[-1].isalnum() or before[-1] in ")}]")
+    return answer[:i] + ("+" if binary else "") + answer[i + 1 :]
+
+
+MUTATIONS = {
+    "variable removed": (_variable_sites, _drop_variable),
+    "digit changed": (_digit_sites, _change_digit),
+    "sign flipped": (_sign_sites, _flip_sign),
+}
+
+
+def test_mutations_by_hand():
+    assert _variable_sites("4t") == [1] and _drop_variable("4t", 1) == "4"
+    assert _variable_sites("x=5") == [] and _variable_sites(r"10\text{ cm}") == []
+    assert _digit_sites(r"\frac{1}{9}") == [6, 9]
+    assert _change_digit(r"\frac{1}{9}", 9) == r"\frac{1}{0}"
+    assert _sign_sites("0") == [] and _sign_sites("5") == [-1] and _flip_sign("5", -1) == "-5"
+    assert _flip_sign(r"\pi-2", 3) == r"\pi+2" and _flip_sign("-8", 0) == "8"
+
+
+@pytest.fixture(scope="module")
+def level3_golds(test_rows) -> dict[str, list[str]]:
+    """Per mutation, the Level 3 gold answers it applies to (golds without a variable, ...)."""
+    golds = [extract_boxed(r["solution"]) for r in test_rows if r["level"] == "Level 3"]
+    return {kind: [g for g in golds if sites(g)] for kind, (sites, _) in MUTATIONS.items()}
+
+
+def _near_misses(golds_by_kind: dict[str, list[str]]) -> st.SearchStrategy:
+    """(mutation, gold, the gold mutated at one of its sites)."""
+
+    def at_site(kind: str, gold: str) -> st.SearchStrategy:
+        sites, mutate = MUTATIONS[kind]
+        return st.sampled_from(sites(gold)).map(lambda i: (kind, gold, mutate(gold, i)))
+
+    return st.sampled_from(sorted(MUTATIONS)).flatmap(
+        lambda kind: st.sampled_from(golds_by_kind[kind]).flatmap(lambda g: at_site(kind, g))
+    )
+
+
+@settings(
+    max_examples=12,  # x 50 near misses, graded as one batch (the pool runs them in parallel)
+    deadline=None,
+    derandomize=True,  # the same sample on every run: CI never meets a new case by chance
+    database=None,  # nothing to replay, nothing written to .hypothesis/
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_near_misses_of_level3_golds_are_wrong(level3_golds, data):
+    misses = data.draw(st.lists(_near_misses(level3_golds), min_size=50, max_size=50))
+    scores = score_math([boxed(wrong) for _, _, wrong in misses], [g for _, g, _ in misses])
+    graded_right = [m for m, s in zip(misses, scores, strict=True) if s]
+    assert not graded_right, f"near misses graded right (mutation, gold, response): {graded_right}"
+
+
+# ------------------------------------------------------- the labelled set of docs/math.md
+
+LABELLED = Path(__file__).parent / "data" / "math_answers.jsonl"
+# the one documented disagreement: a plain comma between digit groups read the wrong way
+KNOWN_WRONG = {("61,328", "61, 328"), ("70,110", "70110")}
+
+
+@pytest.fixture(scope="module")
+def labelled() -> list[dict]:
+    with LABELLED.open() as f:
+        return [json.loads(line) for line in f]
+
+
+def test_labelled_set_is_graded_as_labelled(labelled):
+    scores = score_math([r["response"] for r in labelled], [r["gold"] for r in labelled])
+    wrong = {
+        (r["gold"], extract_boxed(r["response"]))
+        for r, s in zip(labelled, scores, strict=True)
+        if (s == 1.0) != r["right"]
+    }
+    assert wrong == KNOWN_WRONG
+
+
+def test_labelled_golds_are_the_math_answers(labelled, test_rows):
+    for r in labelled:
+        if r["line"] is not None:
+            assert extract_boxed(test_rows[r["line"]]["solution"]) == r["gold"], r
+
+
 # Known limitation of the contract "the gold's last box is the answer": these solutions box
 # several answers that together (or each) are correct, so a right response is graded wrong.
 @pytest.mark.xfail(strict=True, reason="gold solution boxes several answers; only the last counts")
@@ -203,6 +461,8 @@ def test_huge_garbage_is_fast():
     assert not grade_math("x" * 1_000_000, "1")
     assert not grade_math(r"\boxed{" + "{" * 100_000, "1")
     assert not grade_math(r"\boxed{" + "1+" * 100_000 + "1}", "1")  # too long to be an answer
+    assert not grade_math(r"\boxed{" + "1,000+(" * 20_000 + "}", "1")  # digit groups, brackets
+    assert not grade_math(r"\boxed{5" + " abc" * 50_000 + " 1}", "5")  # words, not a unit
     assert time.perf_counter() - start < 1.0
 
 

@@ -417,7 +417,6 @@ def test_opo_positivity_flag():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"alpha": 0.5, "mu": 1.0, "ratio": "linear"}, "ratio must be one of log, exact"),
         ({"alpha": 1.5, "mu": 1.0}, r"alpha must be in \[0, 1\]"),
         ({"alpha": -0.1, "mu": 1.0}, r"alpha must be in \[0, 1\]"),
         ({"alpha": 0.5, "mu": 0.0}, "mu must be > 0"),
@@ -428,79 +427,59 @@ def test_opo_bad_hyperparameters_are_clear_errors(name, kwargs, match):
         LOSSES[name](make(), **kwargs)
 
 
+def test_opo_bad_ratio_is_a_clear_error():
+    with pytest.raises(ValueError, match="ratio must be one of log, exact"):
+        LOSSES["opo"](make(), alpha=0.5, mu=1.0, ratio="linear")
+
+
 # ---------------------------------------------------------------- OPO (author's code form)
 
 
-def hand_opo_code(lr, mask, rewards, G, *, alpha, mu, beta_q, tau, adaptive):
-    N, T = len(lr), len(lr[0])
-    P = N // G
-    delta = hand_delta(lr, mask)
-    a = 1 - alpha
-    drive = []
-    for k in range(0, N, G):
-        r, dl = rewards[k : k + G], delta[k : k + G]
-        A = [ri - sum(r) / G for ri in r]
-        q = [math.exp(ai / beta_q) for ai in A]
-        q = [qi / sum(q) for qi in q]
-        if adaptive:
-            mean = sum(dl) / G
-            temp = tau * max(math.sqrt(sum((d - mean) ** 2 for d in dl) / (G - 1)), 1e-6)
-        else:
-            temp = tau
-        p = [math.exp(d / temp) for d in dl]
-        p = [pi / sum(p) for pi in p]
-        w = [qi**a * pi ** (1 - a) for qi, pi in zip(q, p, strict=True)]
-        w = [wi / sum(w) for wi in w]
-        drive += [(wi - sum(w) / G) / max(a, 1e-3) for wi in w]
-    loss = sum(-d * v + 0.5 * mu * v**2 for d, v in zip(drive, delta, strict=True)) / P
-    grad = [
-        [(-drive[i] + mu * delta[i]) * mask[i][j] / sum(mask[i]) / P for j in range(T)]
-        for i in range(N)
-    ]
-    return loss, grad
+def test_opo_code_alpha_zero_weights_are_the_target():
+    # a = 1: w = q. Group of two with rewards (1, 0), unscaled: A = ±1/2, q = (σ(1/β), σ(−1/β)).
+    # At Δ = 0 the μ term has no gradient: grad = −w·m/|y|/P = −q/2 per token (P = 1).
+    beta = 0.5
+    q = 1 / (1 + math.exp(-1 / beta))
+    x = make(lr=[[0.0, 0.0]] * 2, mask=[[1, 1]] * 2, rewards=[1.0, 0.0], group_size=2, **NO_REF)
+    kw = {"beta_reward": beta, "scale_rewards": False, "tau": 0.7}
+    _, grad, stats = run("opo_code", x, alpha=0.0, mu=1.0, **kw)
+    torch.testing.assert_close(grad, t([[-q / 2] * 2, [-(1 - q) / 2] * 2]))
+    assert stats["opo/p_entropy_norm"] == pytest.approx(1.0)  # Δ = 0 -> uniform p
+    assert stats["opo/tau"] == pytest.approx(0.7)
+
+
+def test_opo_code_adaptive_tau_closed_form():
+    # One group of two, one token each: old = (−log V, 0) so h_static = (1 + 0)/2; logps = old
+    # so confidence = 1 − h_static = 1/2; A = (1/2, −1/2): reward_signal = 2·(1/2) − 1 = 0.
+    # τ = tau·(1 + 0.2·0.5 + 0) = 1.1·tau, inside the clamps.
+    V = 1000
+    x = make(
+        lr=[[0.0]] * 2,
+        mask=[[1]] * 2,
+        rewards=[1.0, 0.0],
+        group_size=2,
+        old=[[-math.log(V)], [0.0]],
+        ref_shift=None,
+    )
+    _, stats = LOSSES["opo_code"](x, alpha=0.5, mu=1.0, use_adaptive_tau=True, vocab_size=V)
+    assert stats["opo/h_static"] == pytest.approx(0.5)
+    assert stats["opo/confidence"] == pytest.approx(0.5)
+    assert stats["opo/reward_signal"] == pytest.approx(0.0)
+    assert stats["opo/tau"] == pytest.approx(1.1 * 0.5)
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "match"),
     [
-        {"alpha": 0.4, "mu": 1.5, "beta_q": 0.5, "tau": 0.2, "adaptive_tau": False},
-        {"alpha": 0.4, "mu": 1.5, "beta_q": 2.0, "tau": 2.0, "adaptive_tau": True},
-        {"alpha": 0.0, "mu": 1.0, "beta_q": 1.0, "tau": 1.0, "adaptive_tau": False},
+        ({"alpha": 1.0, "mu": 1.0}, "alpha < 1"),
+        ({"alpha": 0.5, "mu": 1.0, "tau": 0.0}, "tau and beta_reward must be > 0"),
+        ({"alpha": 0.5, "mu": 1.0, "vocab_size": 1}, "vocab_size must be >= 2"),
+        ({"alpha": 0.5, "mu": 1.0, "logit_reg_coef": -0.1}, "logit_reg_coef must be >= 0"),
     ],
 )
-def test_opo_code_value_and_grad_by_hand(kwargs):
-    exp_loss, exp_grad = hand_opo_code(
-        LR,
-        MASK,
-        REWARDS,
-        3,
-        alpha=kwargs["alpha"],
-        mu=kwargs["mu"],
-        beta_q=kwargs["beta_q"],
-        tau=kwargs["tau"],
-        adaptive=kwargs["adaptive_tau"],
-    )
-    loss, grad, stats = run("opo_code", make(), **kwargs)
-    torch.testing.assert_close(loss, t(exp_loss))
-    torch.testing.assert_close(grad, t(exp_grad))
-    assert 0.0 < stats["opo/p_entropy_norm"] <= 1.0
-
-
-def test_opo_code_alpha_zero_drive_is_target_minus_uniform():
-    # a = 1: w = q, drive = q − 1/G. Group of two with rewards (1, 0): A = ±1/2,
-    # q = (σ(1/β), σ(−1/β)), so drive = ±(σ(1/β) − 1/2). At Δ = 0: grad = −drive·m/|y|/P.
-    beta_q = 0.5
-    d = 1 / (1 + math.exp(-1 / beta_q)) - 0.5
-    x = make(lr=[[0.0, 0.0]] * 2, mask=[[1, 1]] * 2, rewards=[1.0, 0.0], group_size=2, **NO_REF)
-    _, grad, stats = run("opo_code", x, alpha=0.0, mu=1.0, beta_q=beta_q)
-    torch.testing.assert_close(grad, t([[-d / 2] * 2, [d / 2] * 2]))
-    assert stats["opo/drive_abs_max"] == pytest.approx(d)
-    assert stats["opo/p_entropy_norm"] == pytest.approx(1.0)  # Δ = 0 -> uniform p
-
-
-def test_opo_code_alpha_one_is_guarded():
-    loss, grad, _ = run("opo_code", make(), alpha=1.0, mu=1.0)
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+def test_opo_code_bad_hyperparameters_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LOSSES["opo_code"](make(), **kwargs)
 
 
 # ---------------------------------------------------------------- every loss: invariances
@@ -509,7 +488,7 @@ CASES = [
     ("opo", {"alpha": 0.5, "mu": 1.0}),
     ("opo", {"alpha": 0.3, "mu": 2.0, "ratio": "exact"}),
     ("opo_code", {"alpha": 0.4, "mu": 1.0}),
-    ("opo_code", {"alpha": 0.4, "mu": 1.0, "adaptive_tau": True}),
+    ("opo_code", {"alpha": 0.4, "mu": 1.0, "use_adaptive_tau": True, "logit_reg_coef": 0.01}),
     ("grpo", {"beta": 0.05}),
     ("grpo", {"agg": "token_mean"}),
     ("dapo", {}),
@@ -628,7 +607,15 @@ STAT_KEYS = {
         "opo/v_star_mean",
         "opo/positivity_ok",
     },
-    "opo_code": {"opo/v_sq_mean", "opo/drive_abs_max", "opo/p_entropy_norm", "opo/tau_mean"},
+    "opo_code": {
+        "opo/v_sq_mean",
+        "opo/tau",
+        "opo/p_entropy_norm",
+        "opo/logit_reg",
+        "opo/h_static",
+        "opo/confidence",
+        "opo/reward_signal",
+    },
 }
 
 
