@@ -134,6 +134,14 @@ def test_vllm_greedy_and_top_p_follow_the_other_backends_rules(served):
     ]
     assert greedy[0].texts == greedy[1].texts
     assert torch.equal(greedy[0].completion_mask, greedy[1].completion_mask)
+    two_eos = copy.deepcopy(model)  # a second EOS id, named by the generation config only
+    first = greedy[1].input_ids[0, -greedy[1].completion_len :]  # (Lc,) the first response
+    second = int(first[1])  # the token it picks at step 1
+    two_eos.generation_config.eos_token_id = [tok.eos_token_id, second]
+    stopped = generate_rollout(
+        two_eos, tok, PROMPTS, group_size=1, max_new_tokens=8, temperature=0.0, backend=engine
+    )
+    assert stopped.completion_mask[0].sum() <= 2 < greedy[0].completion_mask[0].sum()
     nucleus = sample(model, tok, engine, temperature=0.7, top_p=0.8)
     assert nucleus.sampling_logps is None  # renormalised over the nucleus: not the trainer's
     assert len(set(nucleus.texts)) > len(PROMPTS)
