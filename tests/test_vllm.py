@@ -251,10 +251,11 @@ def test_opo_eval_with_vllm_greedy_equals_hf_greedy(cache, tmp_path):
         engine = ENGINE if backend == "vllm" else []
         overrides = [f"checkpoint={folder}", "dataset=arith", "eval.limit=64", *engine]
         results[backend] = evaluate(compose_config("eval", overrides), tmp_path / backend)
-    assert results["vllm"]["n"] == results["hf"]["n"] == 64
-    assert abs(results["vllm"]["accuracy"] - results["hf"]["accuracy"]) <= 2 / 64
+    n = results["hf"]["n"]  # arith's held-out problems, at most 64 of them
+    assert results["vllm"]["n"] == n >= 20
+    assert abs(results["vllm"]["accuracy"] - results["hf"]["accuracy"]) <= 2 / n
     samples = [(tmp_path / b / "samples.jsonl").read_text().splitlines() for b in ("hf", "vllm")]
-    assert sum(a == b for a, b in zip(*samples, strict=True)) >= 62  # the same responses
+    assert sum(a == b for a, b in zip(*samples, strict=True)) >= n - 2  # the same responses
 
 
 # ---------------------------------------------------------------------- without vLLM
