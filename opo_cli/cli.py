@@ -2,6 +2,7 @@
 
 opo train method=opo alpha=0.6 mu=1.0                      # one run
 opo train -m method=opo alpha=0.3,0.6,0.9 mu=0.5,1.0,2.0   # a sweep
+eval "$(opo train --shell-completion install=bash)"        # tab completion of overrides
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from opo_cli.config import CONF_DIR, HUB_UNREACHABLE, group_options, validate_train
+from opo_cli import __version__
+from opo_cli.config import (
+    CONF_DIR,
+    HUB_UNREACHABLE,
+    check_conf_dir,
+    group_options,
+    validate_train,
+)
 from opo_cli.errors import UserError
 from opo_cli.overrides import check_overrides, folded_errors
 from opo_cli.stopping import Diverged, Interrupted
@@ -27,19 +35,26 @@ from opo_cli.stopping import Diverged, Interrupted
 GROUPS = ("method", "model", "dataset", "logger", "sweep", "experiment")
 _GROUP_OVERRIDE = re.compile(rf"^[+~]*({'|'.join(GROUPS)})=(.*)$")
 
-USAGE = """usage: opo COMMAND [overrides ...]
+USAGE = f"""opo {__version__}
+usage: opo COMMAND [overrides ...]
 
 commands:
   train    train a causal LM with OPO or a baseline (opo train --help for the config)
   eval     measure a checkpoint's accuracy on MATH (pass@1, pass@k, maj@k)
   report   tables and plots of runs and sweeps: opo report PATH [PATH ...]
 
+options:
+  -h, --help       this help
+  -V, --version    the version of opo
+
 examples:
   opo train                                        # the embedded default, offline
   opo train method=opo alpha=0.6 mu=1.0
   opo train -m method=opo alpha=0.3,0.6,0.9 mu=0.5,1.0,2.0
   opo eval checkpoint=outputs/train/default dataset=math_l3 eval.limit=100
+  eval "$(opo train --shell-completion install=bash)"   # tab completion in this shell
 """
+COMPLETION_FLAGS = ("-sc", "--shell-completion")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -99,7 +114,8 @@ def run_hydra_app(app, name: str, args: list[str], validate=None) -> None:
         check_overrides(name, args, validate)
     except UserError as e:
         fail(str(e))
-    sys.argv = [f"opo {name}", *args]
+    completion = any(a in COMPLETION_FLAGS for a in args)  # its script is for `opo`, every command
+    sys.argv = ["opo" if completion else f"opo {name}", *args]
     app()
 
 
@@ -174,10 +190,49 @@ def main() -> None:
         sys.exit(130)
 
 
+def completion_query(argv: list[str]) -> str | None:
+    """`query=SHELL` of `opo -sc query=SHELL` (or `opo train -sc query=SHELL`); else None."""
+    if not any(a in COMPLETION_FLAGS for a in argv[:2]):
+        return None
+    return next((a for a in argv if a.startswith("query=")), None)
+
+
+def complete(query: str) -> None:
+    """`opo -sc query=SHELL`: what Hydra's completion script runs on <TAB>, with the typed line
+    in COMP_LINE. The command word is completed here; after it, the line goes to that command's
+    app as if the app were the program (`opo train meth` is asked as `opo meth`). `opo report`
+    takes paths: nothing is printed, so the shell completes file names."""
+    line = os.environ.get("COMP_LINE", "")
+    parts = line.split(None, 2)  # program, command, the rest (with its trailing space)
+    if len(parts) < 2 or (len(parts) == 2 and not line.endswith(" ")):
+        typed = parts[1] if len(parts) == 2 else ""
+        sep = "\n" if query == "query=fish" else " "  # fish reads one candidate a line
+        print(sep.join(c for c in ("train", "eval", "report") if c.startswith(typed)))
+        return
+    apps = {"train": train_app, "eval": eval_app}
+    if parts[1] in apps:
+        os.environ["COMP_LINE"] = "opo " + (parts[2] if len(parts) == 3 else "")
+        sys.argv = ["opo", "-sc", query]
+        apps[parts[1]]()
+
+
 def dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return
+    if argv[0] in ("-V", "--version"):
+        print(f"opo {__version__}")
+        return
+    query = completion_query(argv)
+    if query is not None:
+        complete(query)
+        return
+    try:
+        check_conf_dir()
+    except UserError as e:
+        fail(str(e))
+    if argv[0] in COMPLETION_FLAGS:  # `opo -sc install=bash`: the same script as `opo train -sc`
+        argv = ["train", *argv]
     command, args = argv[0], argv[1:]
     if command == "train":
         run_hydra_app(train_app, "train", args, validate_train)

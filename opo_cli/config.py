@@ -16,7 +16,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from opo_cli.errors import UserError, first_line
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def conf_dirs(package: Path = PACKAGE_DIR) -> tuple[Path, Path]:
+    """Where the Hydra configs may be, in order: `opo_cli/conf` inside an installed wheel, then
+    `conf/` beside the package in a checkout or an editable install (edits there are live)."""
+    return package / "conf", package.parent / "conf"
+
+
+def find_conf_dir(package: Path = PACKAGE_DIR) -> Path:
+    """The first of `conf_dirs` that holds `train.yaml`; the first of them when none does."""
+    candidates = conf_dirs(package)
+    return next((d for d in candidates if (d / "train.yaml").is_file()), candidates[0])
+
+
+CONF_DIR = find_conf_dir()
 
 
 class ConfigError(UserError):
@@ -342,6 +357,17 @@ def validate_eval(cfg: DictConfig) -> EvalSettings:
         backend=_backend(cfg),
         vllm=validate_vllm(cfg),
     )
+
+
+def check_conf_dir(package: Path = PACKAGE_DIR) -> None:
+    """The configs are where `opo` reads them, else one line on how to reinstall."""
+    if not (find_conf_dir(package) / "train.yaml").is_file():
+        wheel, checkout = conf_dirs(package)
+        raise ConfigError(
+            f"no configs: neither {wheel} nor {checkout} holds train.yaml, so this install of "
+            "opo-cli is incomplete; reinstall it from a wheel or a clone: "
+            "pip install --force-reinstall --no-deps <wheel or clone folder>"
+        )
 
 
 def group_options(group: str) -> list[str]:
