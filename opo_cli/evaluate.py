@@ -34,6 +34,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from opo_cli.backends import Backend, BackendOptions, open_backend
 from opo_cli.config import EvalSettings
 from opo_cli.data import (
     STRATA,
@@ -44,10 +45,9 @@ from opo_cli.data import (
     stratified_sample,
 )
 from opo_cli.errors import UserError
-from opo_cli.generation import generate_own, sampling_config, stop_token_ids
 from opo_cli.models import load_policy, pick_device, pick_dtype
 from opo_cli.rewards import answer_key, build_reward, extract_boxed, grade_math, gsm8k_number
-from opo_cli.rollout import completion_mask_from_ids, reward_columns
+from opo_cli.rollout import generate_rollout, reward_columns
 from opo_cli.runs import check_eval
 from opo_cli.tracking import console, start_wandb, warn_damaged
 
@@ -196,35 +196,34 @@ def summarise(graded: list[Graded], ks: tuple[int, ...], voting: Voting) -> dict
 # --------------------------------------------------------------------------------- generation
 
 
-@torch.no_grad()
 def generate_completions(
-    model, tok, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float, top_p: float
+    model,
+    tok,
+    prompts: list[str],
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    backend: Backend | None = None,
 ) -> tuple[list[str], list[int], list[bool]]:
     """n completions per prompt (greedy when n == 1), grouped by prompt: texts, token counts
     (EOS included) and truncated flags. Sampling is at `temperature` with `top_p` and nothing
     else, whatever the model's own generation config says; any EOS id it names ends a
-    completion (`opo_cli.generation`)."""
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    device = next(model.parameters()).device
-    prompt_ids = enc.input_ids.to(device)  # (B, Lp) left-padded
-    stop_ids = stop_token_ids(model, tok)
-    config = sampling_config(
-        stop_ids=stop_ids,
-        pad_id=tok.pad_token_id,
+    completion (`opo_cli.generation`). `backend` samples them (None: HF `generate`)."""
+    rollout = generate_rollout(
+        model,
+        tok,
+        prompts,
+        group_size=n,
         max_new_tokens=max_new_tokens,
-        temperature=temperature,
+        temperature=0.0 if n == 1 else temperature,  # 0: greedy
         top_p=top_p,
-        greedy=n == 1,
+        backend=backend if backend is not None else "hf",
+        share_prefill=False,
     )
-    config.num_return_sequences = n
-    out = generate_own(
-        model, config, input_ids=prompt_ids, attention_mask=enc.attention_mask.to(device)
-    )
-    completion_ids = out[:, prompt_ids.shape[1] :]  # (B * n, Lc), prompt k's samples contiguous
-    mask, truncated = completion_mask_from_ids(completion_ids, stop_ids)  # (B*n, Lc)
-    completion_ids = torch.where(mask.bool(), completion_ids, tok.pad_token_id)  # (B * n, Lc)
-    texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-    return texts, mask.sum(-1).long().tolist(), truncated.tolist()
+    lengths = rollout.completion_mask.sum(-1).long().tolist()
+    return rollout.texts, lengths, rollout.truncated.tolist()
 
 
 def evaluate_problems(
@@ -234,8 +233,10 @@ def evaluate_problems(
     dataset_cfg: DictConfig,
     s: EvalSettings,
     on_batch: Callable[[int], None] | None = None,
+    backend: Backend | None = None,
 ) -> list[Graded]:
-    """Generate and grade `s.n` responses per problem, `s.batch_size` problems at a time.
+    """Generate (with `backend`; None: HF `generate`) and grade `s.n` responses per problem,
+    `s.batch_size` problems at a time.
 
     Prompts are batched in order of length (less padding); results keep the problems' order.
     """
@@ -255,6 +256,7 @@ def evaluate_problems(
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
+            backend=backend,
         )
         chosen = [problems[i] for i in batch]
         golds = [p.answer for p in chosen for _ in range(s.n)]
@@ -279,13 +281,19 @@ def check_held_out(s: EvalSettings, held_out: list[Problem]) -> None:
 
 
 def held_out_metrics(
-    model, tok, problems: list[Problem], dataset_cfg: DictConfig, s: EvalSettings
+    model,
+    tok,
+    problems: list[Problem],
+    dataset_cfg: DictConfig,
+    s: EvalSettings,
+    backend: Backend | None = None,
 ) -> dict[str, float]:
     """Greedy `eval/accuracy` and `eval/response_len_mean` on `s.limit` of the held-out
-    problems (a stratified sample drawn with `dataset.split_seed`, the same at every step)."""
+    problems (a stratified sample drawn with `dataset.split_seed`, the same at every step),
+    sampled by `backend` (the run's sampler; None: HF `generate`)."""
     t0 = time.perf_counter()
     chosen = stratified_sample(problems, s.limit, dataset_cfg.split_seed)
-    graded = evaluate_problems(model, tok, chosen, dataset_cfg, s)
+    graded = evaluate_problems(model, tok, chosen, dataset_cfg, s, backend=backend)
     summary = summarise(graded, s.ks, voting(dataset_cfg))
     return {
         "eval/accuracy": summary["accuracy"],
@@ -371,16 +379,31 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     problems = stratified_sample(every, s.limit, cfg.dataset.split_seed)
     probe = problems[:4]  # a broken reward fails here, before the model loads
     build_reward(cfg.dataset).probe([p.answer for p in probe], reward_columns(probe, 1))
-    device = pick_device(s.device)
-    model_path, model, tok = load_first_readable(
-        candidates, device, pick_dtype(s.dtype, device), bool(cfg.eval.trust_remote_code)
-    )
+    device, trust = pick_device(s.device), bool(cfg.eval.trust_remote_code)
+    dtype = pick_dtype(s.dtype, device)
+    model_path, model, tok = load_first_readable(candidates, device, dtype, trust)
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    options = BackendOptions(
+        model_path=model_path,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust,
+        share_prefill=False,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        vllm=s.vllm,
+    )
+    backend = open_backend(s.backend, options)
     wandb_run = start_wandb(cfg, run_dir, name=cfg.run_name)
     t0 = time.perf_counter()
-    with eval_progress(len(problems)) as advance:
-        graded = evaluate_problems(model, tok, problems, cfg.dataset, s, on_batch=advance)
+    try:
+        with eval_progress(len(problems)) as advance:
+            graded = evaluate_problems(
+                model, tok, problems, cfg.dataset, s, on_batch=advance, backend=backend
+            )
+    finally:
+        backend.close()
     result = summarise(graded, s.ks, voting(cfg.dataset))
     result |= {
         "checkpoint": model_path,

@@ -16,15 +16,14 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import LogitsProcessorList
 
 from opo_cli.advantages import uniform_groups
+from opo_cli.backends import Backend, BackendOptions, open_backend
 from opo_cli.config import RolloutSettings
 from opo_cli.data import Problem, PromptSampler
-from opo_cli.decode import cache_argument, decode, shared_prefill
-from opo_cli.generation import generate_own, sampling_config, stop_token_ids
+from opo_cli.generation import stop_token_ids
 from opo_cli.rewards import Reward, overlong_penalties
-from opo_cli.sampling import SampledTokenLogps, keeps_sampling_logps
+from opo_cli.sampling import keeps_sampling_logps
 
 RewardFn = Reward  # (texts, golds, columns) -> Scores: weighted total, parts, extras
 
@@ -80,53 +79,6 @@ def completion_mask_from_ids(
     return mask, ~is_eos.any(-1)
 
 
-def hf_generate(
-    model,
-    tok,
-    ids: Tensor,
-    ids_mask: Tensor,
-    *,
-    group_size: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    keep_logps: bool,
-    cache_implementation: str,
-    share_prefill: bool,
-    stop_ids: Sequence[int],
-) -> tuple[Tensor, SampledTokenLogps | None]:
-    """Completion ids (N, Lc) sampled by HF `generate`, and the recorder of their log-probs.
-
-    `cache_implementation="static"` decodes with a fixed-size KV cache, which `generate`
-    compiles on CUDA; elsewhere the default dynamic cache is used. `share_prefill` runs each
-    prompt through the model once for its G samples (`shared_prefill`), with the dynamic
-    cache only: the static one is sized and compiled by `generate` itself.
-    """
-    prompt_ids = ids.repeat_interleave(group_size, 0)  # (N, Lp)
-    recorder = SampledTokenLogps(ids.shape[1], temperature) if keep_logps else None
-    static = cache_implementation == "static" and ids.device.type == "cuda"
-    cache = {}  # the model's default, every row prefilled
-    if share_prefill and not static and ids.shape[1] > 1:
-        cache = {cache_argument(model): shared_prefill(model, ids, ids_mask, group_size)}
-    config = sampling_config(
-        stop_ids=stop_ids,
-        pad_id=tok.pad_token_id,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        cache_implementation="static" if static else None,
-    )
-    out = generate_own(
-        model,
-        config,
-        input_ids=prompt_ids,
-        attention_mask=ids_mask.repeat_interleave(group_size, 0),  # (N, Lp)
-        logits_processor=LogitsProcessorList([recorder] if recorder else []),
-        **cache,
-    )
-    return out[:, ids.shape[1] :], recorder  # (N, Lc)
-
-
 @torch.no_grad()
 def generate_rollout(
     model,
@@ -138,62 +90,47 @@ def generate_rollout(
     temperature: float = 1.0,
     top_p: float = 1.0,
     keep_logps: bool = False,
-    backend: str = "hf",
+    backend: Backend | str = "hf",
     cache_implementation: str = "dynamic",
     share_prefill: bool = True,
 ) -> Rollout:
     """Sample `group_size` completions of each prompt; rewards are filled in by the caller.
 
-    `backend="hf"` samples with HF `generate` (`hf_generate`, which reads
-    `cache_implementation` and `share_prefill`), `"opo"` with our loop (`opo_cli.decode`:
-    shared prefill always; on CUDA a static cache and CUDA-graph decoding). `keep_logps`
-    keeps the log-prob and entropy of every sampled token. Either samples from
+    `backend` samples them (`opo_cli.backends`): a backend object (what a run builds once),
+    or the name of one that holds no engine, built for this call: `"hf"` (HF `generate`, with
+    `cache_implementation` and `share_prefill`) or `"opo"` (our loop, `opo_cli.decode`).
+    `keep_logps` keeps the log-prob and entropy of every sampled token (vllm: log-probs
+    only, and always when they are the trainer's numbers). Every backend samples from
     softmax(logits / T) cut to its top-p nucleus, whatever the model's own generation config
     says, and ends a completion at any EOS id it names (`opo_cli.generation`).
     """
+    if isinstance(backend, str):
+        options = BackendOptions(
+            cache_implementation=cache_implementation, share_prefill=share_prefill
+        )
+        backend = open_backend(backend, options)
     enc = tok(prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     ids, ids_mask = enc.input_ids.to(device), enc.attention_mask.to(device)  # (P, Lp) x 2
     stop_ids = stop_token_ids(model, tok)
     was_training = model.training
     model.eval()
-    if backend == "opo":
-        cuda = device.type == "cuda"
-        completion_ids, *kept = decode(
-            model,
-            ids,
-            ids_mask,
-            group_size=group_size,
-            max_new_tokens=max_new_tokens,
-            stop_ids=stop_ids,
-            pad_id=tok.pad_token_id,
-            temperature=temperature,
-            top_p=top_p,
-            static=cuda,
-            compiled=cuda,
-        )  # (N, Lc) x 3
-    else:
-        completion_ids, recorder = hf_generate(
-            model,
-            tok,
-            ids,
-            ids_mask,
-            group_size=group_size,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            keep_logps=keep_logps,
-            cache_implementation=cache_implementation,
-            share_prefill=share_prefill,
-            stop_ids=stop_ids,
-        )
+    samples = backend.generate(
+        model,
+        ids,
+        ids_mask,
+        n=group_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        keep_logps=keep_logps,
+        stop_ids=stop_ids,
+        pad_id=tok.pad_token_id,
+    )
     model.train(was_training)
-    mask, truncated = completion_mask_from_ids(completion_ids, stop_ids)
-    if backend == "hf":  # decode() zeroes them past EOS itself
-        kept = recorder.finish(completion_ids, mask) if recorder else (None, None)  # (N, Lc) x 2
-    elif not keep_logps:
-        kept = (None, None)
-    completion_ids = torch.where(mask.bool(), completion_ids, tok.pad_token_id)  # (N, Lc)
+    mask, truncated = completion_mask_from_ids(samples.ids, stop_ids)  # (N, Lc) x 2
+    keep = mask.bool()  # (N, Lc)
+    completion_ids = torch.where(keep, samples.ids, tok.pad_token_id)  # (N, Lc)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
     prompt_mask = ids_mask.repeat_interleave(group_size, 0)  # (N, Lp)
     return Rollout(
@@ -204,9 +141,13 @@ def generate_rollout(
         rewards=torch.zeros(len(texts), device=device),
         texts=texts,
         group_size=group_size,
-        sampling_logps=kept[0],
-        sampling_entropy=kept[1],
+        sampling_logps=_masked(samples.logps, keep),  # (N, Lc) or None
+        sampling_entropy=_masked(samples.entropy, keep),  # (N, Lc) or None
     )
+
+
+def _masked(x: Tensor | None, keep: Tensor) -> Tensor | None:
+    return None if x is None else x.where(keep, 0.0)
 
 
 # ------------------------------------------------------------------ batches of several draws
@@ -342,9 +283,15 @@ def reward_columns(problems: list[Problem], group_size: int) -> dict[str, list]:
 
 
 def draw_scored(
-    model, tok, problems: list[Problem], reward_fn: RewardFn, r: RolloutSettings
+    model,
+    tok,
+    problems: list[Problem],
+    reward_fn: RewardFn,
+    r: RolloutSettings,
+    backend: Backend | None = None,
 ) -> Rollout:
-    """`r.group_size` scored completions of each problem's prompt."""
+    """`r.group_size` scored completions of each problem's prompt, sampled by `backend`
+    (None: the one `r.backend` names, built for the call; a vllm run passes its engine)."""
     rollout = generate_rollout(
         model,
         tok,
@@ -354,7 +301,7 @@ def draw_scored(
         temperature=r.temperature,
         top_p=r.top_p,
         keep_logps=keeps_sampling_logps(r.reuse_sampling_logps, model),
-        backend=r.backend,
+        backend=r.backend if backend is None else backend,
         cache_implementation=r.cache_implementation,
         share_prefill=r.share_prefill,
     )
@@ -369,10 +316,12 @@ def sample_batch(
     problems: list[Problem],
     reward_fn: RewardFn,
     r: RolloutSettings,
+    backend: Backend | None = None,
 ) -> tuple[Rollout, dict[str, float]]:
     """The step's training batch of `r.prompts_per_step` groups, and its rollout metrics.
 
-    Prompts come from `sampler` (indices into `problems`); rewards from `reward_fn`. With
+    Prompts come from `sampler` (indices into `problems`), completions from `backend`
+    (`draw_scored`), rewards from `reward_fn`. With
     `r.dynamic_sampling`, uniform groups are replaced by new draws (`dynamic_sample`). Then
     the overlong penalty is added to the rewards and, with `r.mask_truncated`, truncated
     completions are masked out of the loss. The metrics (`train/reward_mean` ...) are taken
@@ -381,7 +330,8 @@ def sample_batch(
     """
 
     def draw(k: int) -> Rollout:
-        return draw_scored(model, tok, [problems[i] for i in sampler.next(k)], reward_fn, r)
+        picked = [problems[i] for i in sampler.next(k)]
+        return draw_scored(model, tok, picked, reward_fn, r, backend)
 
     if r.dynamic_sampling:
         batch, drawn, stats = dynamic_sample(

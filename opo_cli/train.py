@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from opo_cli.backends import Backend, BackendOptions, open_backend
 from opo_cli.batching import micro_batches, micro_logps
 from opo_cli.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from opo_cli.config import TrainSettings, validate_eval, validate_lora, validate_train
@@ -30,6 +31,7 @@ from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
 from opo_cli.rewards import Reward, RewardError, build_reward
 from opo_cli.rollout import Rollout, reward_columns, sample_batch
 from opo_cli.runs import list_checkpoints, set_aside_previous_run
+from opo_cli.sampling import keeps_sampling_logps
 from opo_cli.stopping import BadStepCounter, Diverged, Interrupted, SignalStop
 from opo_cli.tracking import PLAIN, Tracker, console, warn_damaged
 
@@ -40,6 +42,7 @@ class Policy:
     tok: object
     ref: torch.nn.Module | AdapterOff | None  # frozen reference, only when the method uses one
     adapter: torch.nn.Module | None = None  # with LoRA: PEFT's wrapper of `model` (what is saved)
+    backend: Backend | None = None  # the sampler (train opens it); None: rollout.backend per call
 
 
 def seed_everything(seed: int) -> None:
@@ -162,15 +165,33 @@ def backward_minibatch(
     return loss.item(), stats
 
 
+def pi_old(model, rollout: Rollout, s: TrainSettings, micro: int, tokens: int | None):
+    """pi_old's log-probs and entropies (N, Lc) x 2, and the sampler's log-prob mismatch.
+
+    hf and opo keep both while sampling when `rollout.reuse_sampling_logps` allows (no
+    forward). vLLM keeps log-probs only: the trainer's forward runs for the entropies, and
+    vLLM's log-probs are pi_old when reuse is allowed. Whenever both exist, the mismatch
+    `rollout/logp_mismatch` (mean |sampler - trainer| over completion tokens) is returned.
+    """
+    kept, entropy = rollout.sampling_logps, rollout.sampling_entropy
+    if kept is not None and entropy is not None:
+        return kept, entropy, None
+    temp = s.rollout.temperature
+    old, entropy = rollout_logps(model, rollout, micro, temp, True, tokens)  # (N, Lc) x 2
+    if kept is None:
+        return old, entropy, None
+    mask = rollout.completion_mask  # (N, Lc)
+    mismatch = ((kept - old).abs() * mask).sum() / mask.sum().clamp(min=1.0)
+    reuse = keeps_sampling_logps(s.rollout.reuse_sampling_logps, model)
+    return (kept if reuse else old), entropy, mismatch.item()
+
+
 def optimise(policy: Policy, opt, sched, rollout: Rollout, s: TrainSettings, cfg, step: int):
     """The step's optimisation passes over one rollout; returns the mean of per-update stats."""
     t, model = s.trainer, policy.model
     micro, tokens = t.micro_batch_size or len(rollout), t.micro_batch_tokens
     temp = s.rollout.temperature
-    if rollout.sampling_logps is not None:  # kept while sampling: pi_old needs no forward
-        old, entropy = rollout.sampling_logps, rollout.sampling_entropy
-    else:
-        old, entropy = rollout_logps(model, rollout, micro, temp, True, tokens)
+    old, entropy, mismatch = pi_old(model, rollout, s, micro, tokens)
     ref = rollout_logps(policy.ref, rollout, micro, temp, False, tokens)[0] if policy.ref else None
     loss_fn = get_loss(s.loss)
     loss_kwargs = OmegaConf.to_container(cfg.method.loss_kwargs, resolve=True)
@@ -210,6 +231,8 @@ def optimise(policy: Policy, opt, sched, rollout: Rollout, s: TrainSettings, cfg
     mask = rollout.completion_mask
     stats = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
     stats["train/entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1.0)).item()
+    if mismatch is not None:
+        stats["rollout/logp_mismatch"] = mismatch
     stats["train/skipped_updates"] = skipped
     stats["train/lr"] = sched.get_last_lr()[0]
     return stats
@@ -225,24 +248,45 @@ def train_step(policy, opt, sched, sampler, problems, reward_fn, s: TrainSetting
     """One step: sample a rollout, score it, optimise on it; returns the step's metrics row."""
     t0 = time.perf_counter()
     rollout, sample_stats = sample_batch(
-        policy.model, policy.tok, sampler, problems, reward_fn, s.rollout
+        policy.model, policy.tok, sampler, problems, reward_fn, s.rollout, policy.backend
     )
     t1 = time.perf_counter()
     stats = optimise(policy, opt, sched, rollout, s, cfg, step)
     t2 = time.perf_counter()
+    if policy.backend is not None:  # the sampler takes the new weights before the next rollout
+        policy.backend.sync(policy.model)
+    t3 = time.perf_counter()
     device = rollout.input_ids.device
     completion_tokens = rollout.completion_mask.sum().item()
     train_tokens = rollout.attention_mask.sum().item() * s.trainer.epochs
     return {
         **sample_stats,
         **stats,
-        "perf/step_s": t2 - t0,
+        "perf/step_s": t3 - t0,
         "perf/rollout_s": t1 - t0,
         "perf/train_s": t2 - t1,
+        "perf/sync_s": t3 - t2,
         "perf/rollout_tok_per_s": completion_tokens / (t1 - t0),
         "perf/train_tok_per_s": train_tokens / (t2 - t1),
         "perf/peak_mem_gb": peak_memory_gb(device),
     }
+
+
+def open_run_backend(cfg, s: TrainSettings, initial: str, device, dtype) -> Backend:
+    """The run's sampler, `rollout.backend` (a vLLM engine is built from `initial`)."""
+    r = s.rollout
+    options = BackendOptions(
+        model_path=initial,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=bool(cfg.model.trust_remote_code),
+        cache_implementation=r.cache_implementation,
+        share_prefill=r.share_prefill,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        vllm=r.vllm,
+    )
+    return open_backend(r.backend, options)
 
 
 def make_optimizer(model, s: TrainSettings):
@@ -408,10 +452,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     row = {}
     with SignalStop() as stop:
         try:
+            policy.backend = open_run_backend(cfg, s, initial, device, dtype)
+            policy.backend.sync(policy.model)  # a resumed run's weights, not the initial ones
             for step in range(state.step + 1, s.trainer.steps + 1):
                 row = guarded_step(run_dir, state, problems, reward_fn, s, cfg, step)
                 if ev.every and step % ev.every == 0:
-                    row |= held_out_metrics(policy.model, policy.tok, held_out, cfg.dataset, ev)
+                    row |= held_out_metrics(
+                        policy.model, policy.tok, held_out, cfg.dataset, ev, policy.backend
+                    )
                 tracker.log(step, row)
                 state.step = step
                 diverged = bad_steps.update(row["train/skipped_updates"], updates_per_step)
@@ -419,6 +467,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     stop_early(state, s, stop, diverged, save_state(run_dir, state, s))
         finally:
             tracker.close()
+            if policy.backend is not None:
+                policy.backend.close()
         save_final(run_dir / "final", model=policy.model, tok=policy.tok, adapter=policy.adapter)
     console.print(f"done: {run_dir / 'final'}")
     return row

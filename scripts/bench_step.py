@@ -36,7 +36,9 @@ sizes, bf16; add `--ours rollout.backend=opo` for our sampling loop, or
         --new-tokens 512 --steps 3
 
 `--ours KEY=VALUE ...` passes Hydra overrides to our side (e.g. `trainer.micro_batch_tokens=8192`,
-`rollout.reuse_sampling_logps=true`).
+`rollout.reuse_sampling_logps=true`). With vLLM installed, `--only ours --ours
+rollout.backend=vllm` samples through the colocated engine (on a CPU with `model=tiny_vllm`,
+whose head size vLLM's CPU attention serves; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from opo_cli.config import CONF_DIR, TrainSettings, validate_train
 from opo_cli.data import Problem, PromptSampler, arith_problems
 from opo_cli.models import build_tiny_model, train_tokenizer
-from opo_cli.train import Policy, make_optimizer, train_step
+from opo_cli.train import Policy, make_optimizer, open_run_backend, train_step
 
 QWEN3_1_7B = {  # Qwen/Qwen3-1.7B config.json, written out: no download
     "hidden_size": 2048,
@@ -213,7 +215,7 @@ def run_ours(args, tok, device: torch.device, dtype: torch.dtype) -> StepTimes:
     model = build_model(args.arch, cfg, args.base_tok, device, dtype, args.seed)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    policy = Policy(model, tok, None)
+    policy = Policy(model, tok, None, open_backend_on(model, tok, cfg, s, device, dtype))
     opt, sched = make_optimizer(model, s)
     prompts = digit_prompts(args.prompts * (args.steps + 1), args.prompt_len, args.seed)
     problems = [Problem(p, "0") for p in prompts]
@@ -233,9 +235,23 @@ def run_ours(args, tok, device: torch.device, dtype: torch.dtype) -> StepTimes:
         completion_tokens=median(r["train/response_len_mean"] * n for r in timed),
         peak_mem_gb=peak_memory_gb(device),
     )
+    policy.backend.close()
     del policy, model, opt, sched
     release(device)
     return result
+
+
+def open_backend_on(model, tok, cfg, s: TrainSettings, device, dtype):
+    """The sampler `rollout.backend` names, on `model`'s weights (vllm: saved for the engine
+    to load, in a folder that goes once it has)."""
+    if s.rollout.backend != "vllm":
+        return open_run_backend(cfg, s, "", device, dtype)  # samples with `model` itself
+    with tempfile.TemporaryDirectory(prefix="opo-bench-model-") as folder:
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        backend = open_run_backend(cfg, s, folder, device, dtype)
+    backend.sync(model)
+    return backend
 
 
 def median(values) -> float:

@@ -65,12 +65,17 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests are skipped on a machine without CUDA."""
+    """`gpu` tests are skipped on a machine without CUDA, `vllm` tests where vLLM is not
+    importable."""
+    import importlib.util
+
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    missing = {
+        "gpu": None if torch.cuda.is_available() else "needs a CUDA device",
+        "vllm": None if importlib.util.find_spec("vllm") else "needs vLLM (see tests/test_vllm.py)",
+    }
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for mark, reason in missing.items():
+            if reason and mark in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))

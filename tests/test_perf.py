@@ -279,7 +279,7 @@ def test_static_cache_is_ignored_off_cuda(model_and_tok):
         ("rollout.cache_implementation=paged", "rollout.cache_implementation"),
         ("rollout.reuse_sampling_logps=maybe", "rollout.reuse_sampling_logps"),
         ("rollout.share_prefill=sometimes", "rollout.share_prefill"),
-        ("rollout.backend=vllm", "rollout.backend"),
+        ("rollout.backend=sglang", "rollout.backend"),
     ],
 )
 def test_bad_fast_path_values_name_the_key(override, key, tiny_cache):

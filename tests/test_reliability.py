@@ -138,7 +138,7 @@ def test_bad_input_ends_in_one_line_naming_the_key(bad_input_results, name):
 def test_the_opo_command_runs_without_its_bin_folder_on_path(tmp_path):
     env = {**os.environ, "PATH": str(tmp_path)}  # no `opo` (nor anything else) to be found
     proc = subprocess.run([*OPO, "--help"], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: opo COMMAND")
+    assert proc.returncode == 0 and "usage: opo COMMAND" in proc.stdout
 
 
 def test_bad_step_counter_counts_only_fully_skipped_steps_in_a_row():
