@@ -90,6 +90,34 @@ class RolloutSettings:
 
 
 @dataclass(frozen=True)
+class TrackingSettings:
+    """`tracking.*`: which sampled completions a run logs (`opo_cli.completions`)."""
+
+    completions_every: int  # steps between steps whose completions are logged; 0: off
+    completions_per_step: int  # groups logged per such step, all G completions of each
+    eval_completions: int  # held-out problems whose greedy answers each evaluation logs
+    show_completion: bool  # one logged completion per such step on the console
+
+
+def validate_tracking(cfg: DictConfig) -> TrackingSettings:
+    """Typed, checked `tracking.*` settings of `opo train`."""
+    s = TrackingSettings(
+        completions_every=_int(cfg, "tracking.completions_every", 0),
+        completions_per_step=_int(cfg, "tracking.completions_per_step", 0),
+        eval_completions=_int(cfg, "tracking.eval_completions", 0),
+        show_completion=_bool(cfg, "tracking.show_completion"),
+    )
+    logged = s.completions_every > 0 and s.completions_per_step > 0
+    _require(
+        logged or not s.show_completion,
+        "tracking.show_completion",
+        "true",
+        "needs tracking.completions_every > 0 and tracking.completions_per_step > 0",
+    )
+    return s
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     alpha: float
     mu: float
@@ -220,6 +248,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
     )
     alpha, mu = _float(cfg, "alpha", 0.0, 1.0), _float(cfg, "mu", 0.0, inf, open_low=True)
     seed = _int(cfg, "seed", 0)
+    validate_tracking(cfg)
     check_paths(cfg)
     from opo_cli.losses import LOSSES  # imports torch: after the cheap checks, so errors are quick
 

@@ -267,13 +267,21 @@ def check_held_out(s: EvalSettings, held_out: list[Problem]) -> None:
 
 
 def held_out_metrics(
-    model, tok, problems: list[Problem], dataset_cfg: DictConfig, s: EvalSettings
+    model,
+    tok,
+    problems: list[Problem],
+    dataset_cfg: DictConfig,
+    s: EvalSettings,
+    on_graded: Callable[[list[Graded]], None] | None = None,
 ) -> dict[str, float]:
     """Greedy `eval/accuracy` and `eval/response_len_mean` on `s.limit` of the held-out
-    problems (a stratified sample drawn with `dataset.split_seed`, the same at every step)."""
+    problems (a stratified sample drawn with `dataset.split_seed`, the same at every step);
+    `on_graded` is given the graded answers (the completion logs take a few)."""
     t0 = time.perf_counter()
     chosen = stratified_sample(problems, s.limit, dataset_cfg.split_seed)
     graded = evaluate_problems(model, tok, chosen, dataset_cfg, s)
+    if on_graded is not None:
+        on_graded(graded)
     summary = summarise(graded, s.ks, VOTING[dataset_cfg.reward])
     return {
         "eval/accuracy": summary["accuracy"],

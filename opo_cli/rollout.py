@@ -40,6 +40,12 @@ class Rollout:
     group_size: int  # G
     sampling_logps: Tensor | None = None  # (N, Lc) log pi_old of each sampled token, if kept
     sampling_entropy: Tensor | None = None  # (N, Lc) entropy of each sampling step, if kept
+    reward_parts: list[dict[str, float]] | None = (
+        None  # per completion: reward part -> unweighted value
+    )
+    reward_extras: list[dict] | None = (
+        None  # per completion: extra JSON fields returned by reward functions
+    )
 
     @property
     def completion_len(self) -> int:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from opo_cli.batching import micro_batches, micro_logps
 from opo_cli.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
+from opo_cli.completions import PromptMatcher
 from opo_cli.config import TrainSettings, validate_eval, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
 from opo_cli.errors import UserError
@@ -214,7 +215,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def train_step(policy, opt, sched, sampler, problems, reward_fn, s: TrainSettings, cfg, step):
-    """One step: sample a rollout, score it, optimise on it; returns the step's metrics row."""
+    """One step: sample a rollout, score it, optimise on it; returns the rollout (the
+    completion logs read it) and the step's metrics row."""
     t0 = time.perf_counter()
     rollout, sample_stats = sample_batch(
         policy.model, policy.tok, sampler, problems, reward_fn, s.rollout
@@ -225,7 +227,7 @@ def train_step(policy, opt, sched, sampler, problems, reward_fn, s: TrainSetting
     device = rollout.input_ids.device
     completion_tokens = rollout.completion_mask.sum().item()
     train_tokens = rollout.attention_mask.sum().item() * s.trainer.epochs
-    return {
+    return rollout, {
         **sample_stats,
         **stats,
         "perf/step_s": t2 - t0,
@@ -370,17 +372,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     policy, opt, sched, sampler = state.policy, state.opt, state.sched, state.sampler
     problems = formatted_problems(problems, policy.tok, cfg.dataset)  # as the policy sees them
     reward_fn = get_reward(cfg.dataset.reward)
-    tracker = Tracker(cfg, run_dir, start_step=state.step, total_steps=s.trainer.steps)
+    prompts = PromptMatcher(problems, sampler, policy.tok)  # the logged completions' problems
+    tracker = Tracker(
+        cfg, run_dir, start_step=state.step, total_steps=s.trainer.steps, prompts=prompts
+    )
     bad_steps = BadStepCounter(s.trainer.max_bad_steps)
     updates_per_step = s.trainer.epochs * s.trainer.mini_batches
     row = {}
     with SignalStop() as stop:
         try:
             for step in range(state.step + 1, s.trainer.steps + 1):
-                row = train_step(policy, opt, sched, sampler, problems, reward_fn, s, cfg, step)
+                rollout, row = train_step(
+                    policy, opt, sched, sampler, problems, reward_fn, s, cfg, step
+                )
                 if ev.every and step % ev.every == 0:
-                    row |= held_out_metrics(policy.model, policy.tok, held_out, cfg.dataset, ev)
-                tracker.log(step, row)
+                    row |= held_out_metrics(
+                        policy.model, policy.tok, held_out, cfg.dataset, ev, tracker.eval_answers
+                    )
+                tracker.log(step, row, rollout)
                 state.step = step
                 diverged = bad_steps.update(row["train/skipped_updates"], updates_per_step)
                 if diverged or stop.signum or is_save_step(step, s.trainer):

@@ -221,7 +221,7 @@ def run_ours(args, tok, device: torch.device, dtype: torch.dtype) -> StepTimes:
     reset_peak_memory(device)
     rows = []
     for step in range(1, args.steps + 2):
-        row = train_step(policy, opt, sched, sampler, problems, constant_reward, s, cfg, step)
+        _, row = train_step(policy, opt, sched, sampler, problems, constant_reward, s, cfg, step)
         rows.append(row)
         print(f"  ours step {step}: {row['perf/step_s']:.2f} s", flush=True)
     timed = rows[1:]
