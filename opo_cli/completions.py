@@ -214,12 +214,16 @@ def flat_row(row: dict) -> dict:
 
 
 def wandb_table(rows: Sequence[dict]):
-    """A W&B table of `rows` (one column per `flat_columns`, None where a row has no value)."""
+    """A W&B table of `rows` (one column per `flat_columns`, None where a row has no value).
+    Rows are added one by one: `wandb.Table(data=...)` imports pandas (0.3-0.6 s) to check
+    whether the data is a DataFrame."""
     import wandb
 
     columns = flat_columns(rows)
-    flat = [flat_row(r) for r in rows]
-    return wandb.Table(columns=columns, data=[[f.get(c) for c in columns] for f in flat])
+    table = wandb.Table(columns=columns)
+    for row in map(flat_row, rows):
+        table.add_data(*(row.get(c) for c in columns))
+    return table
 
 
 # ------------------------------------------------------------------------------ the logger
