@@ -15,6 +15,7 @@ from opo_cli import train as T
 from opo_cli.completions import (
     COMPLETIONS_FILE,
     EVAL_COMPLETIONS_FILE,
+    PromptMatcher,
     RowsFile,
     clean_text,
     drives,
@@ -216,6 +217,30 @@ def test_sampler_replays_what_it_drew_across_an_epoch():
     drawn = sampler.next(4)  # crosses into the second epoch
     assert sampler.drawn_since(before) == drawn
     assert sampler.drawn_since(sampler.state_dict()) == []
+
+
+def test_groups_are_matched_to_the_problems_drawn_for_them(model_and_tok):
+    """Dynamic sampling keeps some drawn groups and drops others: each kept group is found by
+    its prompt's tokens among the problems drawn since the previous step."""
+    _, tok = model_and_tok
+    problems = [Problem(f"{a}+{a}=", str(2 * a)) for a in range(10)]
+    sampler = PromptSampler(len(problems), seed=0)
+    matcher = PromptMatcher(problems, sampler, tok)
+    drawn = sampler.next(4)  # the step draws 4 prompts and keeps the 2nd and the 4th
+    kept = [problems[drawn[1]], problems[drawn[3]]]
+    enc = tok([p.prompt for p in kept], return_tensors="pt", padding=True)
+    rollout = hand_rollout([0.0] * 4, G=2)
+    rollout.input_ids = torch.cat(
+        [enc.input_ids.repeat_interleave(2, 0), torch.full((4, 3), 5)], 1
+    )  # (4, Lp + 3) left-padded prompts, then completions
+    rollout.attention_mask = torch.cat(
+        [enc.attention_mask.repeat_interleave(2, 0), rollout.completion_mask.long()], 1
+    )
+    assert matcher.find(rollout, 2) == kept
+    matcher.step_done()
+    sampler.next(2)  # the next step draws others: the old prompts are no longer found
+    unknown = matcher.find(rollout, 1)[0]
+    assert unknown.answer is None and unknown.prompt.replace(" ", "") == kept[0].prompt
 
 
 # ------------------------------------------------------------------------------ settings
