@@ -103,15 +103,21 @@ class RowsFile:
         self._f.close()
 
 
-def row_step(line: str) -> float:
-    """The step of a JSONL line; infinity for a line that is not a row with a numeric step."""
+def parse_row(line: str) -> dict | None:
+    """The row a JSONL line holds; None for a line that is not a row with a numeric step."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
-        return math.inf
+        return None
     step = row.get("step") if isinstance(row, dict) else None
     ok = isinstance(step, int | float) and not isinstance(step, bool) and math.isfinite(step)
-    return step if ok else math.inf
+    return row if ok else None
+
+
+def row_step(line: str) -> float:
+    """The step of a JSONL line; infinity for a line that is not a row."""
+    row = parse_row(line)
+    return math.inf if row is None else row["step"]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -119,8 +125,7 @@ def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with path.open(encoding="utf-8", errors="replace") as f:
-        lines = [line for line in f if row_step(line) < math.inf]
-    return [json.loads(line) for line in lines]
+        return [row for row in map(parse_row, f) if row is not None]
 
 
 # ------------------------------------------------------------------------------ rows
