@@ -91,3 +91,11 @@ def extreme_pairs(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     rejected = offsets + r.argmin(-1)  # (P,)  and the first minimal one
     keep = ~uniform_groups(rewards, group_size)  # (P,) bool
     return chosen[keep], rejected[keep]  # (K,), (K,)
+
+
+def pair_roles(rewards: Tensor, group_size: int) -> Tensor:
+    """Each row's part in `extreme_pairs`: +1 chosen, −1 rejected, 0 in no pair. (N,) -> (N,)."""
+    roles = torch.zeros_like(rewards, dtype=torch.float32)  # (N,)
+    chosen, rejected = extreme_pairs(rewards, group_size)  # (K,), (K,)
+    roles[chosen], roles[rejected] = 1.0, -1.0
+    return roles  # (N,)

@@ -125,6 +125,34 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class TrackingSettings:
+    """`tracking.*`: which sampled completions a run logs (`opo_cli.completions`)."""
+
+    completions_every: int  # steps between steps whose completions are logged; 0: off
+    completions_per_step: int  # groups logged per such step, all G completions of each
+    eval_completions: int  # held-out problems whose greedy answers each evaluation logs
+    show_completion: bool  # one logged completion per such step on the console
+
+
+def validate_tracking(cfg: DictConfig) -> TrackingSettings:
+    """Typed, checked `tracking.*` settings of `opo train`."""
+    s = TrackingSettings(
+        completions_every=_int(cfg, "tracking.completions_every", 0),
+        completions_per_step=_int(cfg, "tracking.completions_per_step", 0),
+        eval_completions=_int(cfg, "tracking.eval_completions", 0),
+        show_completion=_bool(cfg, "tracking.show_completion"),
+    )
+    logged = s.completions_every > 0 and s.completions_per_step > 0
+    _require(
+        logged or not s.show_completion,
+        "tracking.show_completion",
+        "true",
+        "needs tracking.completions_every > 0 and tracking.completions_per_step > 0",
+    )
+    return s
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     alpha: float
     mu: float
@@ -328,6 +356,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         "null with rollout.backend=vllm (the engine does not take adapters yet): "
         "use rollout.backend=hf or opo with LoRA",
     )
+    validate_tracking(cfg)
     check_paths(cfg)
     from opo_cli.rewards import build_reward  # imports the reward functions: names checked
 

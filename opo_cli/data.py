@@ -447,6 +447,14 @@ class PromptSampler:
             self.pos += take
         return out
 
+    def drawn_since(self, state: dict) -> list[int]:
+        """The indices drawn since the sampler was at `state` (an earlier `state_dict()`),
+        in order; the sampler itself is left where it is."""
+        replay = PromptSampler(self.n, self.seed)
+        replay.load_state_dict(state)
+        count = (self.epoch - replay.epoch) * self.n + self.pos - replay.pos
+        return replay.next(count)
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 

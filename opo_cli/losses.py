@@ -32,6 +32,7 @@ from opo_cli.advantages import (
     group_softmax,
     group_sum,
     group_view,
+    pair_roles,
     uniform_group_fraction,
 )
 
@@ -472,6 +473,39 @@ LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
 # and the whole batch through its adaptive τ and logit term;
 # tests check both directions of this declaration.
 ROW_SEPARABLE = frozenset({"opo", "grpo", "dapo", "gspo"})
+
+
+# ---------------------------------------------------------------- drives, for the logs
+
+
+def _escort_drive(rewards: Tensor, group_size: int, *, alpha: float, **_) -> Tensor:
+    return centered_escort_drive(rewards, group_size, alpha=alpha)  # (N,) OPO's g
+
+
+def _normalized_advantage(rewards: Tensor, group_size: int, **_) -> Tensor:
+    return group_normalized(rewards, group_size)  # (N,) GRPO's A
+
+
+def _author_advantage(rewards: Tensor, group_size: int, *, scale_rewards: bool = True, **_):
+    return author_advantages(rewards, group_size, scale_rewards=scale_rewards)  # (N,)
+
+
+def _pair_role(rewards: Tensor, group_size: int, **_) -> Tensor:
+    return pair_roles(rewards, group_size)  # (N,) +1 chosen, -1 rejected, 0 unpaired
+
+
+# What each loss moves a completion by, per row, from the rewards it is given: what the
+# completion logs show beside each reward (`opo_cli.completions`). name -> (label, function of
+# (rewards (N,), G, **loss_kwargs) -> (N,)). opo_code's is the author's advantage, the input of
+# its target q = softmax(A / beta_reward); dpo's is the row's role in its group's pair.
+DRIVES: dict[str, tuple[str, Callable[..., Tensor]]] = {
+    "opo": ("g", _escort_drive),
+    "opo_code": ("A", _author_advantage),
+    "grpo": ("A", _normalized_advantage),
+    "dapo": ("A", _normalized_advantage),
+    "gspo": ("A", _normalized_advantage),
+    "dpo": ("pair", _pair_role),
+}
 
 
 def get_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:

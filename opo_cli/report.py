@@ -8,6 +8,7 @@ folder above them; runs are found recursively. The report goes to `<first PATH>/
     reward.png, grad_norm.png        EMA-smoothed curves, raw series faint behind
     heatmap_final_reward.png         alpha x mu grids, when a method has >= 2 of each
     heatmap_steps_to_threshold.png   (suffixed `_<method>[,k=v...]` when there are several)
+    samples/<run>.md                 what each run wrote: its last logged groups, with rewards
 
 alpha and mu are left empty for runs whose loss does not take them (GRPO, DAPO, ...): such
 runs are repeats of one another, never a grid. A heatmap holds the runs of one method and
@@ -43,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from opo_cli.completions import COMPLETIONS_FILE, EVAL_COMPLETIONS_FILE, read_rows, samples_page
 from opo_cli.errors import UserError
 from opo_cli.tracking import is_number, load_metrics
 
@@ -550,6 +552,7 @@ def check_knobs(cfg: DictConfig) -> None:
     check_number(cfg, "smoothing", lambda x: 0 <= x < 1, "a number in [0, 1)")
     check_number(cfg, "last_frac", lambda x: 0 < x <= 1, "a number in (0, 1]")
     check_number(cfg, "threshold_frac", lambda x: x > 0, "a number > 0")
+    check_number(cfg, "sample_chars", lambda x: x >= 1 and x == int(x), "an integer >= 1")
     if cfg.get("threshold") is not None:
         check_number(cfg, "threshold", lambda x: True, "a number, or null")
 
@@ -595,6 +598,8 @@ def report(cfg: DictConfig) -> Path:
     fill_steps_to_threshold(summary, threshold)
     notes.insert(0, f"threshold for steps_to_threshold: {threshold_text(cfg, threshold)}")
 
+    pages = write_sample_pages(runs, out, int(cfg.sample_chars))
+    notes += [f"what {run.name} writes: [{page}]({page})" for run, page in pages]
     write_csv(summary, out / "summary.csv")
     write_markdown(summary, notes, out / "summary.md")
     plot_curves(runs, labels, "train/reward_mean", cfg.smoothing, out / "reward.png")
@@ -603,6 +608,24 @@ def report(cfg: DictConfig) -> Path:
     print_table(summary, f"{len(runs)} runs · threshold {fmt(threshold, 3) or 'none'}")
     console.print(f"report written to {out}")
     return out
+
+
+def write_sample_pages(runs: Sequence[Run], out: Path, max_chars: int) -> list[tuple[Run, str]]:
+    """`samples/<run>.md` for each run that logged completions: its last logged groups and
+    last evaluation's answers (`opo_cli.completions.samples_page`); returns (run, page path
+    relative to the report folder)."""
+    pages = []
+    for run in runs:
+        train_rows = read_rows(run.path / COMPLETIONS_FILE)
+        answers = read_rows(run.path / EVAL_COMPLETIONS_FILE)
+        if not (train_rows or answers):
+            continue
+        page = f"samples/{re.sub(r'[^A-Za-z0-9._=,+-]+', '_', run.name)}.md"
+        (out / "samples").mkdir(exist_ok=True)
+        text = samples_page(run.name, train_rows, answers, max_chars)
+        (out / page).write_text(text + "\n", encoding="utf-8")
+        pages.append((run, page))
+    return pages
 
 
 def threshold_text(cfg: DictConfig, threshold: float) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from opo_cli.completions import COMPLETIONS_FILE, EVAL_COMPLETIONS_FILE
 from opo_cli.config import EvalSettings, check_paths, looks_local, validate_eval
 from opo_cli.errors import UserError
 from opo_cli.rewards import build_reward
@@ -19,7 +20,15 @@ from opo_cli.tracking import WANDB_ID_FILE
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 REPLACED_DIR = "replaced"  # where `trainer.resume=never` moves an earlier run's outputs
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "wandb", WANDB_ID_FILE)
+RUN_OUTPUTS = (
+    "checkpoints",
+    "final",
+    "metrics.jsonl",
+    COMPLETIONS_FILE,
+    EVAL_COMPLETIONS_FILE,
+    "wandb",
+    WANDB_ID_FILE,
+)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -33,8 +42,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def set_aside_previous_run(run_dir: Path) -> Path | None:
     """Move what an earlier run left in `run_dir` (`RUN_OUTPUTS`: its checkpoints, final/,
-    metrics and W&B run and id) into `run_dir/replaced/<UTC time>/`; returns that folder,
-    None when there was nothing.
+    metrics, completions, W&B run and id) into `run_dir/replaced/<UTC time>/`; returns that
+    folder, None when there was nothing.
 
     `trainer.resume=never` calls it: the run folder is named by the overrides, so a fresh
     start reuses the folder, and the old checkpoints would otherwise be pruned in place of

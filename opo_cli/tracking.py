@@ -1,4 +1,5 @@
-"""Where metrics go: `metrics.jsonl` (one row per step), a rich console, and W&B.
+"""Where metrics go: `metrics.jsonl` (one row per step), a rich console, and W&B; with them,
+the sampled completions of some steps (`opo_cli.completions`).
 
 W&B is a no-op object when `logger=none`, so the training loop never branches on it. Without
 an account, W&B runs offline by itself; if it cannot start at all, training goes on without it.
@@ -16,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from opo_cli.completions import CompletionLog, PromptMatcher, sample_line, wandb_table
+from opo_cli.config import validate_tracking
 from opo_cli.errors import first_line
 
 console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in logs
@@ -166,8 +169,18 @@ class Tracker:
     deterministic (same rows but timings), so W&B's first values are the file's values.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, *, start_step: int, total_steps: int):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        *,
+        start_step: int,
+        total_steps: int,
+        prompts: PromptMatcher | None = None,
+    ):
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", keep_until_step=start_step)
+        self.completions = CompletionLog(cfg, run_dir, validate_tracking(cfg), start_step)
+        self.completions.prompts = prompts
         resumes_wandb = (run_dir / WANDB_ID_FILE).exists()
         self.wandb_after = self.metrics.last_logged if resumes_wandb else 0
         self.run = start_wandb(cfg, run_dir, name=cfg.run_name)
@@ -187,19 +200,36 @@ class Tracker:
         )
         self.progress.start()
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, rollout=None) -> None:
+        """The step's metrics row, and on the steps `tracking.completions_every` names, the
+        completions of `rollout` (the step's training batch) and of a pending evaluation."""
+        samples = self.completions.step_rows(step, rollout)
+        tables = self.completions.write(step, samples)
         row = {"step": step, **metrics}
         self.metrics.write(row)
         if step > self.wandb_after:
-            self.run.log(metrics, step=step)
+            sent = metrics
+            if tables and not isinstance(self.run, NullRun):
+                sent = metrics | {name: wandb_table(rows) for name, rows in tables.items()}
+            self.run.log(sent, step=step)
         summary = format_metrics(metrics)
         self.progress.update(self.task, completed=step, summary=summary)
         if step % self.log_every == 0 or step == self.total:
             self.progress.console.print(f"step {step:>5}/{self.total}  {summary}", highlight=False)
+        if self.completions.s.show_completion and samples:
+            self.progress.console.print(
+                sample_line(samples[0], self.progress.console.width), **PLAIN
+            )
+
+    def eval_answers(self, graded: list) -> None:
+        """An evaluation's graded answers (`opo_cli.evaluate.Graded`), logged with the next
+        `log` call's step: the first `tracking.eval_completions` of them."""
+        self.completions.pending_eval = list(graded)
 
     def close(self) -> None:
         self.progress.stop()
         self.metrics.close()
+        self.completions.close()
         self.run.finish()
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from opo_cli.backends import Backend, BackendOptions, open_backend
 from opo_cli.batching import micro_batches, micro_logps
 from opo_cli.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from opo_cli.completions import PromptMatcher
 from opo_cli.config import TrainSettings, validate_eval, validate_lora, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
 from opo_cli.errors import UserError
@@ -245,7 +246,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def train_step(policy, opt, sched, sampler, problems, reward_fn, s: TrainSettings, cfg, step):
-    """One step: sample a rollout, score it, optimise on it; returns the step's metrics row."""
+    """One step: sample a rollout, score it, optimise on it; returns the rollout (the
+    completion logs read it) and the step's metrics row."""
     t0 = time.perf_counter()
     rollout, sample_stats = sample_batch(
         policy.model, policy.tok, sampler, problems, reward_fn, s.rollout, policy.backend
@@ -259,7 +261,7 @@ def train_step(policy, opt, sched, sampler, problems, reward_fn, s: TrainSetting
     device = rollout.input_ids.device
     completion_tokens = rollout.completion_mask.sum().item()
     train_tokens = rollout.attention_mask.sum().item() * s.trainer.epochs
-    return {
+    return rollout, {
         **sample_stats,
         **stats,
         "perf/step_s": t3 - t0,
@@ -370,10 +372,11 @@ def save_state(run_dir: Path, state: RunState, s: TrainSettings) -> Path:
 
 def guarded_step(
     run_dir: Path, state: RunState, problems, reward_fn: Reward, s: TrainSettings, cfg, step: int
-) -> dict:
-    """`train_step`, or when the reward fails (raises, returns garbage, runs past
-    `dataset.reward_timeout_s`), a checkpoint of the state before the step and a one-line
-    `RewardError`: the same command resumes at this step once the reward is fixed."""
+) -> tuple[Rollout, dict]:
+    """`train_step` (its rollout and metrics row), or when the reward fails (raises, returns
+    garbage, runs past `dataset.reward_timeout_s`), a checkpoint of the state before the step
+    and a one-line `RewardError`: the same command resumes at this step once the reward is
+    fixed."""
     rng, position = rng_state(), state.sampler.state_dict()
     try:
         p = state.policy
@@ -446,7 +449,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     state = start_state(cfg, s, run_dir, initial, device, dtype, len(problems))
     policy = state.policy
     problems = formatted_problems(problems, policy.tok, cfg.dataset)  # as the policy sees them
-    tracker = Tracker(cfg, run_dir, start_step=state.step, total_steps=s.trainer.steps)
+    prompts = PromptMatcher(problems, state.sampler, policy.tok)  # the logged completions' problems
+    tracker = Tracker(
+        cfg, run_dir, start_step=state.step, total_steps=s.trainer.steps, prompts=prompts
+    )
     bad_steps = BadStepCounter(s.trainer.max_bad_steps)
     updates_per_step = s.trainer.epochs * s.trainer.mini_batches
     row = {}
@@ -455,12 +461,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             policy.backend = open_run_backend(cfg, s, initial, device, dtype)
             policy.backend.sync(policy.model)  # a resumed run's weights, not the initial ones
             for step in range(state.step + 1, s.trainer.steps + 1):
-                row = guarded_step(run_dir, state, problems, reward_fn, s, cfg, step)
+                rollout, row = guarded_step(run_dir, state, problems, reward_fn, s, cfg, step)
                 if ev.every and step % ev.every == 0:
                     row |= held_out_metrics(
-                        policy.model, policy.tok, held_out, cfg.dataset, ev, policy.backend
+                        policy.model,
+                        policy.tok,
+                        held_out,
+                        cfg.dataset,
+                        ev,
+                        backend=policy.backend,
+                        on_graded=tracker.eval_answers,
                     )
-                tracker.log(step, row)
+                tracker.log(step, row, rollout)
                 state.step = step
                 diverged = bad_steps.update(row["train/skipped_updates"], updates_per_step)
                 if diverged or stop.signum or is_save_step(step, s.trainer):

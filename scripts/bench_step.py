@@ -66,6 +66,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from opo_cli.config import CONF_DIR, TrainSettings, validate_train
 from opo_cli.data import Problem, PromptSampler, arith_problems
 from opo_cli.models import build_tiny_model, train_tokenizer
+from opo_cli.rewards import build_reward
 from opo_cli.train import Policy, make_optimizer, open_run_backend, train_step
 
 QWEN3_1_7B = {  # Qwen/Qwen3-1.7B config.json, written out: no download
@@ -205,25 +206,22 @@ def our_config(args: argparse.Namespace):
         return compose("train", overrides=overrides)
 
 
-def constant_reward(texts, golds) -> list[float]:
-    return [0.0] * len(texts)
-
-
 def run_ours(args, tok, device: torch.device, dtype: torch.dtype) -> StepTimes:
     cfg = our_config(args)
     s: TrainSettings = validate_train(cfg)
     model = build_model(args.arch, cfg, args.base_tok, device, dtype, args.seed)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    policy = Policy(model, tok, None, open_backend_on(model, tok, cfg, s, device, dtype))
+    policy = Policy(model, tok, None, backend=open_backend_on(model, tok, cfg, s, device, dtype))
     opt, sched = make_optimizer(model, s)
     prompts = digit_prompts(args.prompts * (args.steps + 1), args.prompt_len, args.seed)
     problems = [Problem(p, "0") for p in prompts]
     sampler = PromptSampler(len(problems), args.seed)
+    reward_fn = build_reward(cfg.dataset)  # exact match against '0': almost always 0
     reset_peak_memory(device)
     rows = []
     for step in range(1, args.steps + 2):
-        row = train_step(policy, opt, sched, sampler, problems, constant_reward, s, cfg, step)
+        _, row = train_step(policy, opt, sched, sampler, problems, reward_fn, s, cfg, step)
         rows.append(row)
         print(f"  ours step {step}: {row['perf/step_s']:.2f} s", flush=True)
     timed = rows[1:]
