@@ -19,6 +19,7 @@ from opo_cli.completions import (
     RowsFile,
     clean_text,
     drives,
+    flat_row,
     json_line,
     one_line,
     read_rows,
@@ -288,12 +289,13 @@ FIELDS |= {"tokens", "truncated"}
 def test_a_default_run_logs_its_completions(default_run):
     rows = read_rows(default_run / COMPLETIONS_FILE)
     assert len(rows) == 2 * 4  # step 10 only: 2 groups of G = 4
-    assert all(set(r) == FIELDS and r["step"] == 10 for r in rows)
+    assert all(set(r) == FIELDS | {"reward_parts"} and r["step"] == 10 for r in rows)
     for r in rows:
         a, b = r["prompt"].rstrip("=").split("+")
         assert r["gold"] == str(int(a) + int(b))  # the problem the group was drawn for
         assert 1 <= r["tokens"] <= 4 and (r["tokens"] == 4 or not r["truncated"])
         assert r["reward"] == float(r["completion"].strip() == r["gold"])
+        assert r["reward_parts"]["correct"] == r["reward"]  # arith: the reward is correctness
     for k in (0, 1):  # the drive OPO's loss used: g from the group's rewards
         group = [r for r in rows if r["group"] == k]
         assert len({r["prompt"] for r in group}) == 1
@@ -316,8 +318,8 @@ def test_wandb_offline_holds_the_tables(default_run):
         assert len(files) == 1, kind
         tables[kind] = json.loads(files[0].read_text())
     train = tables["train"]
-    assert set(train["columns"]) == FIELDS
-    logged = read_rows(default_run / COMPLETIONS_FILE)
+    assert set(train["columns"]) == FIELDS | {"reward/exact_match", "reward/correct"}
+    logged = [flat_row(r) for r in read_rows(default_run / COMPLETIONS_FILE)]
     assert [dict(zip(train["columns"], row, strict=True)) for row in train["data"]] == logged
     assert len(tables["eval"]["data"]) == 4
 
