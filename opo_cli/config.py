@@ -254,7 +254,7 @@ def check_loss_kwargs(loss: str, loss_kwargs: DictConfig) -> None:
 @dataclass(frozen=True)
 class EvalSettings:
     every: int  # training steps between evaluations, 0: off (opo train only)
-    limit: int | None  # the first K problems; None: all
+    limit: int | None  # K problems, a seeded stratified sample (data.stratified_sample); None: all
     n: int  # samples per problem; 1: greedy decoding
     temperature: float  # sampling temperature when n > 1
     top_p: float  # nucleus sampling mass when n > 1

@@ -76,10 +76,50 @@ def load_problems(cfg: DictConfig) -> tuple[list[Problem], list[Problem]]:
 
 
 def dataset_problems(cfg: DictConfig) -> list[Problem]:
-    """Every problem of the configured dataset, split and levels: what `opo eval` measures."""
+    """What `opo eval` measures (`eval_split` names it): arith's held-out problems (training
+    draws from the others), else every problem of the configured split (`test` for `opo
+    eval`) at the configured levels."""
     if cfg.name == "arith":
-        return arith_problems(cfg.max_operand, cfg.ops)
+        held_out = load_problems(cfg)[1]
+        if not held_out:
+            raise DataError("dataset arith holds no held-out problems: set dataset.eval_size > 0")
+        return held_out
     return read_math_problems(cfg, configured_levels(cfg.levels, "dataset.levels"))
+
+
+def eval_split(cfg: DictConfig) -> str:
+    """The name of the split `dataset_problems` reads: `held_out` for arith, else the
+    configured split of the hub dataset or folder (a local file: its path)."""
+    if cfg.name == "arith":
+        return "held_out"
+    return str(cfg.split) if cfg.path is None or Path(str(cfg.path)).is_dir() else str(cfg.path)
+
+
+STRATA = ("subject", "level")  # the fields `stratified_sample` keeps in proportion
+
+
+def stratified_sample(problems: list[Problem], k: int | None, seed: int) -> list[Problem]:
+    """`k` of `problems` (all when k is None or >= their count), drawn with `seed`, in their
+    order. Problems sharing their `STRATA` values (MATH: subject and level; arith has none,
+    one stratum) are a stratum, and each stratum gets its share of `k`: the integer part of
+    k * size / total, the remaining draws going to the largest remainders (ties by the seed).
+    `eval.limit` takes its K problems so: a file sorted by subject gives every subject.
+    """
+    if k is None or k >= len(problems):
+        return list(problems)
+    rng = random.Random(seed)
+    strata: dict[tuple, list[int]] = {}
+    for i, p in enumerate(problems):
+        strata.setdefault(tuple(p.meta.get(f) for f in STRATA), []).append(i)
+    groups = list(strata.values())
+    quotas = [k * len(g) / len(problems) for g in groups]
+    counts = [int(q) for q in quotas]
+    ties = [rng.random() for _ in groups]
+    by_remainder = sorted(range(len(groups)), key=lambda j: (counts[j] - quotas[j], ties[j]))
+    for j in by_remainder[: k - sum(counts)]:
+        counts[j] += 1
+    chosen = [i for g, c in zip(groups, counts, strict=True) for i in rng.sample(g, c)]
+    return [problems[i] for i in sorted(chosen)]
 
 
 # ------------------------------------------------------------------ MATH-style rows: hub or file

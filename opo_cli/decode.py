@@ -5,8 +5,9 @@ Each prompt is run through the model once (`shared_prefill`, P rows), its KV
 cache is copied into G rows each, and the N = P * G rows are decoded one token per forward:
 sampling at temperature T with nucleus `top_p`, the log-prob and entropy of each sampled
 token kept (the distribution at temperature T, before top-p, as `SampledTokenLogps` keeps
-them), rows past their EOS fed padding. Whether every row has ended is read back every
-`check_every` tokens only, so the host does not wait on the device at each token.
+them), rows past their EOS (any of the stop ids) fed padding. Whether every row has ended is
+read back every `check_every` tokens only, so the host does not wait on the device at each
+token.
 
 `static=True` writes the cache into fixed-size buffers (transformers' `StaticCache`), so
 every decoding forward has the same shapes and addresses; `compiled=True` then runs that
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +151,7 @@ def decode(
     *,
     group_size: int,
     max_new_tokens: int,
-    eos_id: int,
+    stop_ids: Sequence[int],
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -158,8 +160,9 @@ def decode(
     check_every: int = CHECK_EVERY,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`group_size` completions of each of the P left-padded prompts (P, Lp), grouped per
-    prompt: the sampled ids (N, Lc), padding after a row's EOS, and each token's log-prob
-    and entropy (N, Lc). Lc is `max_new_tokens`, or less when every row ended sooner.
+    prompt: the sampled ids (N, Lc), padding after a row's EOS (the first of `stop_ids` it
+    samples), and each token's log-prob and entropy (N, Lc). Lc is `max_new_tokens`, or less
+    when every row ended sooner.
     """
     if prompt_ids.shape[1] == 1:  # one padding column in front: the prefill has a column
         prompt_ids = F.pad(prompt_ids, (1, 0), value=pad_id)  # (P, 2)
@@ -179,6 +182,7 @@ def decode(
     start = positions(prompt_mask)[:, -1].repeat_interleave(G, 0)[:, None]  # (N, 1)
     token = prompt_ids[:, -1:].repeat_interleave(G, 0)  # (N, 1) the prompts' last tokens
     done = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)  # (N,)
+    stops = torch.as_tensor(list(stop_ids), device=prompt_ids.device)  # (S,)
     ids, logps, entropies = [], [], []
     for t in range(max_new_tokens):
         view = mask if static else mask[:, : Lp + t]  # the static cache's mask spans its buffer
@@ -188,7 +192,7 @@ def decode(
         ids.append(new)
         logps.append(logp.masked_fill(done, 0.0))
         entropies.append(entropy.masked_fill(done, 0.0))
-        done = done | (new == eos_id)
+        done = done | torch.isin(new, stops)
         if (t + 1) % check_every == 0 and bool(done.all()):
             break
         token = new[:, None]  # (N, 1)

@@ -3,9 +3,13 @@
     opo eval checkpoint=outputs/train/default dataset=math_l3 eval.limit=100
     opo eval checkpoint=Qwen/Qwen2.5-Math-1.5B dataset=math500 eval.n=8
 
-Writes `eval.json` (accuracy, per-subject and per-level breakdowns, pass@k and maj@k) and
-`samples.jsonl` (every response, graded) into the run folder. `held_out_metrics` is the same
-evaluation, greedy, that `opo train eval.every=N` runs on the held-out problems.
+It measures problems never trained on: the test split of a MATH dataset, arith's held-out
+problems; `eval.limit=K` takes a seeded sample of K, stratified by subject and level
+(`opo_cli.data.stratified_sample`). Writes `eval.json` (accuracy, per-subject and per-level
+breakdowns, pass@k and maj@k, which split and how many of its problems) and `samples.jsonl`
+(every response, graded) into the run folder. maj@k votes over groups of answers the grader
+finds equivalent. `held_out_metrics` is the same evaluation, greedy, that
+`opo train eval.every=N` runs on the held-out problems.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,10 +35,18 @@ from rich.progress import (
 from rich.table import Table
 
 from opo_cli.config import EvalSettings
-from opo_cli.data import Problem, dataset_problems, prompt_texts
+from opo_cli.data import (
+    STRATA,
+    Problem,
+    dataset_problems,
+    eval_split,
+    prompt_texts,
+    stratified_sample,
+)
 from opo_cli.errors import UserError
+from opo_cli.generation import generate_own, sampling_config, stop_token_ids
 from opo_cli.models import load_policy, pick_device, pick_dtype
-from opo_cli.rewards import answer_key, extract_boxed, get_reward
+from opo_cli.rewards import answer_key, extract_boxed, get_reward, grade_math
 from opo_cli.rollout import completion_mask_from_ids
 from opo_cli.runs import check_eval
 from opo_cli.tracking import console, start_wandb, warn_damaged
@@ -62,32 +73,85 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def math_answer_key(response: str) -> str | None:
-    """The last boxed answer, normalised as the grader does (\\dfrac -> \\frac, spaces, ...)."""
-    answer = extract_boxed(response)
-    return None if answer is None else answer_key(answer)
+@dataclass(frozen=True)
+class Voting:
+    """How maj@k reads and groups answers: answers with one `key` are one answer, and with
+    `same` (the grader, on pairs of answers) so are those it finds equivalent."""
+
+    extract: Callable[[str], str | None]  # the answer in a response; None: no vote
+    key: Callable[[str], str]  # a normalised form: equal keys, one answer
+    same: Callable[[list[tuple[str, str]]], list[bool]] | None = None  # None: keys decide
 
 
-def exact_answer_key(response: str) -> str | None:
-    return response.strip() or None
+def math_same(pairs: list[tuple[str, str]]) -> list[bool]:
+    """Whether the grader (`grade_math`) takes each first answer as right against the second."""
+    return [grade_math(f"\\boxed{{{a}}}", f"\\boxed{{{b}}}") for a, b in pairs]
 
 
-ANSWER_KEYS: dict[str, Callable[[str], str | None]] = {
-    "math": math_answer_key,
-    "exact_match": exact_answer_key,
+VOTING: dict[str, Voting] = {  # by the dataset's reward
+    "math": Voting(extract_boxed, answer_key, math_same),
+    "exact_match": Voting(lambda r: r.strip() or None, str),
 }
 
 
-def majority_correct(
-    responses: list[str], correct: list[bool], answer_key: Callable[[str], str | None]
-) -> bool:
-    """Whether the most frequent answer is right (ties: the answer seen first; none: wrong)."""
-    keys = [answer_key(r) for r in responses]
-    votes = Counter(k for k in keys if k is not None)
-    if not votes:
+def key_groups(answers: list[tuple[int, str]], voting: Voting) -> list[tuple[int, int, str]]:
+    """(first index, size, answer) of each group of wrong answers with one key, from the
+    answers given as (index, answer)."""
+    by_key: dict[str, list] = {}  # key -> [first index, size, answer]
+    for i, a in answers:
+        by_key.setdefault(voting.key(a), [i, 0, a])[1] += 1
+    return [(first, size, a) for first, size, a in by_key.values()]
+
+
+def joined_groups(groups: list[tuple[int, int, str]], voting: Voting) -> list[tuple[int, int]]:
+    """(first index, size) of the groups left once those `voting.same` finds equal are
+    joined (union-find over every pair of groups)."""
+    parent = list(range(len(groups)))
+
+    def root(j: int) -> int:
+        while parent[j] != j:
+            j = parent[j]
+        return j
+
+    pairs = [(j, m) for j in range(len(groups)) for m in range(j + 1, len(groups))]
+    verdicts = voting.same([(groups[j][2], groups[m][2]) for j, m in pairs]) if pairs else []
+    for (j, m), same in zip(pairs, verdicts, strict=True):
+        if same:
+            parent[root(m)] = root(j)
+    merged: dict[int, list[int]] = {}
+    for j, (first, size, _) in enumerate(groups):
+        slot = merged.setdefault(root(j), [first, 0])
+        slot[0], slot[1] = min(slot[0], first), slot[1] + size
+    return [(first, size) for first, size in merged.values()]
+
+
+def majority_correct(responses: list[str], correct: list[bool], voting: Voting) -> bool:
+    """Whether the most voted answer is right (ties: the answer seen first; no answer: wrong).
+
+    Answers are grouped by the grader's equivalence, as the Minerva evaluation and verl do:
+    every right answer equals the gold, so the right ones are one group whatever their
+    strings (`\\frac12`, `0.5`, `1/2`); wrong ones group by key, then groups the grader
+    finds equal (`voting.same`) are joined. So votes are never split between answers the
+    grader calls equal. The grader is asked only when no wrong key group already wins
+    (joining only makes groups bigger).
+    """
+    right = [i for i, ok in enumerate(correct) if ok]
+    if not right:
         return False
-    top = max(votes, key=votes.__getitem__)  # first of the most common, in order of appearance
-    return correct[keys.index(top)]
+    wrong = [(i, r) for i, (r, ok) in enumerate(zip(responses, correct, strict=True)) if not ok]
+    answers = [(i, a) for i, r in wrong if (a := voting.extract(r)) is not None]
+    if len(answers) < len(right):  # no wrong group can reach the right one
+        return True
+
+    def beats_right(first: int, size: int) -> bool:
+        return (size, -first) > (len(right), -right[0])
+
+    groups = key_groups(answers, voting)
+    if any(beats_right(first, size) for first, size, _ in groups):
+        return False
+    if voting.same is None or len(groups) < 2:
+        return True
+    return not any(beats_right(first, size) for first, size in joined_groups(groups, voting))
 
 
 def breakdown(graded: list[Graded], field: str, label: str = "{}") -> dict[str, dict]:
@@ -100,9 +164,7 @@ def breakdown(graded: list[Graded], field: str, label: str = "{}") -> dict[str, 
     return {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(groups.items())}
 
 
-def summarise(
-    graded: list[Graded], ks: tuple[int, ...], answer_key: Callable[[str], str | None]
-) -> dict:
+def summarise(graded: list[Graded], ks: tuple[int, ...], voting: Voting) -> dict:
     """accuracy (mean pass@1 = c/n), lengths, pass@k and maj@k (n > 1), breakdowns."""
     n = len(graded[0].responses)
     lengths = [x for g in graded for x in g.lengths]
@@ -117,7 +179,7 @@ def summarise(
         for k in ks:
             out[f"pass@{k}"] = sum(pass_at_k(n, sum(g.correct), k) for g in graded) / len(graded)
         for k in ks:
-            votes = [majority_correct(g.responses[:k], g.correct[:k], answer_key) for g in graded]
+            votes = [majority_correct(g.responses[:k], g.correct[:k], voting) for g in graded]
             out[f"maj@{k}"] = sum(votes) / len(votes)
     out["by_subject"] = breakdown(graded, "subject")
     out["by_level"] = breakdown(graded, "level", "Level {}")
@@ -132,22 +194,27 @@ def generate_completions(
     model, tok, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float, top_p: float
 ) -> tuple[list[str], list[int], list[bool]]:
     """n completions per prompt (greedy when n == 1), grouped by prompt: texts, token counts
-    (EOS included) and truncated flags."""
+    (EOS included) and truncated flags. Sampling is at `temperature` with `top_p` and nothing
+    else, whatever the model's own generation config says; any EOS id it names ends a
+    completion (`opo_cli.generation`)."""
     enc = tok(prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     prompt_ids = enc.input_ids.to(device)  # (B, Lp) left-padded
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=enc.attention_mask.to(device),
+    stop_ids = stop_token_ids(model, tok)
+    config = sampling_config(
+        stop_ids=stop_ids,
+        pad_id=tok.pad_token_id,
         max_new_tokens=max_new_tokens,
-        num_return_sequences=n,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        **(sampling if n > 1 else {"do_sample": False}),
+        temperature=temperature,
+        top_p=top_p,
+        greedy=n == 1,
+    )
+    config.num_return_sequences = n
+    out = generate_own(
+        model, config, input_ids=prompt_ids, attention_mask=enc.attention_mask.to(device)
     )
     completion_ids = out[:, prompt_ids.shape[1] :]  # (B * n, Lc), prompt k's samples contiguous
-    mask, truncated = completion_mask_from_ids(completion_ids, tok.eos_token_id)  # (B*n, Lc)
+    mask, truncated = completion_mask_from_ids(completion_ids, stop_ids)  # (B*n, Lc)
     completion_ids = torch.where(mask.bool(), completion_ids, tok.pad_token_id)  # (B * n, Lc)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
     return texts, mask.sum(-1).long().tolist(), truncated.tolist()
@@ -193,15 +260,21 @@ def evaluate_problems(
     return graded
 
 
+def check_held_out(s: EvalSettings, held_out: list[Problem]) -> None:
+    """`eval.every > 0` needs held-out problems: refused before training starts."""
+    if s.every and not held_out:
+        raise UserError(f"eval.every={s.every} needs held-out problems: set dataset.eval_size > 0")
+
+
 def held_out_metrics(
     model, tok, problems: list[Problem], dataset_cfg: DictConfig, s: EvalSettings
 ) -> dict[str, float]:
-    """Greedy `eval/accuracy` and `eval/response_len_mean` on the first `s.limit` problems."""
-    if not problems:
-        raise UserError(f"eval.every={s.every} needs held-out problems: set dataset.eval_size > 0")
+    """Greedy `eval/accuracy` and `eval/response_len_mean` on `s.limit` of the held-out
+    problems (a stratified sample drawn with `dataset.split_seed`, the same at every step)."""
     t0 = time.perf_counter()
-    graded = evaluate_problems(model, tok, problems[: s.limit], dataset_cfg, s)
-    summary = summarise(graded, s.ks, ANSWER_KEYS[dataset_cfg.reward])
+    chosen = stratified_sample(problems, s.limit, dataset_cfg.split_seed)
+    graded = evaluate_problems(model, tok, chosen, dataset_cfg, s)
+    summary = summarise(graded, s.ks, VOTING[dataset_cfg.reward])
     return {
         "eval/accuracy": summary["accuracy"],
         "eval/response_len_mean": summary["response_len_mean"],
@@ -272,10 +345,18 @@ def load_first_readable(candidates: list[str], device, dtype, trust: bool):
     return candidates[-1], *load_policy(candidates[-1], **kwargs)
 
 
+def sample_note(limit: int | None, size: int, seed: int) -> str:
+    """How the evaluated problems were chosen, for eval.json."""
+    if limit is None or limit >= size:
+        return "all"
+    return f"stratified by {' and '.join(STRATA)}, seed {seed} (dataset.split_seed)"
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Evaluate `cfg.checkpoint` on the configured dataset; writes and returns eval.json's dict."""
     s, candidates = check_eval(cfg)
-    problems = dataset_problems(cfg.dataset)[: s.limit]
+    every = dataset_problems(cfg.dataset)
+    problems = stratified_sample(every, s.limit, cfg.dataset.split_seed)
     device = pick_device(s.device)
     model_path, model, tok = load_first_readable(
         candidates, device, pick_dtype(s.dtype, device), bool(cfg.eval.trust_remote_code)
@@ -286,11 +367,13 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     with eval_progress(len(problems)) as advance:
         graded = evaluate_problems(model, tok, problems, cfg.dataset, s, on_batch=advance)
-    result = summarise(graded, s.ks, ANSWER_KEYS[cfg.dataset.reward])
+    result = summarise(graded, s.ks, VOTING[cfg.dataset.reward])
     result |= {
         "checkpoint": model_path,
         "dataset": cfg.dataset.name,
-        "split": OmegaConf.select(cfg.dataset, "split"),
+        "split": eval_split(cfg.dataset),
+        "split_size": len(every),  # problems in the split; "n" of them were evaluated
+        "sample": sample_note(s.limit, len(every), cfg.dataset.split_seed),
         "path": OmegaConf.select(cfg.dataset, "path"),
         "eval_s": time.perf_counter() - t0,
     }

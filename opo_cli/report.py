@@ -7,7 +7,12 @@ folder above them; runs are found recursively. The report goes to `<first PATH>/
     summary.csv, summary.md          one row per run (columns in `CSV_COLUMNS`)
     reward.png, grad_norm.png        EMA-smoothed curves, raw series faint behind
     heatmap_final_reward.png         alpha x mu grids, when a method has >= 2 of each
-    heatmap_steps_to_threshold.png   (suffixed `_<method>` when several methods have a grid)
+    heatmap_steps_to_threshold.png   (suffixed `_<method>[,k=v...]` when there are several)
+
+alpha and mu are left empty for runs whose loss does not take them (GRPO, DAPO, ...): such
+runs are repeats of one another, never a grid. A heatmap holds the runs of one method and
+one value of every other override that varies (learning rate, dataset, ...); its cells
+average over seeds only.
 
 Knobs live in `conf/report.yaml`. Figures use matplotlib's `Figure` directly (Agg canvas,
 no pyplot state), so the report runs headless and leaks no figures.
@@ -19,6 +24,7 @@ no pyplot state), so the report runs headless and leaks no figures.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -40,7 +46,7 @@ from rich.table import Table
 from opo_cli.errors import UserError
 from opo_cli.tracking import is_number, load_metrics
 
-SKIP_DIRS = {"report", "wandb", "checkpoints", "final"}  # never hold runs; can be large
+SKIP_DIRS = {"report", "wandb", "checkpoints", "final", "replaced"}  # no runs; can be large
 NOISE_KEYS = ("hydra", "logger", "trainer.resume", "trainer.save_every", "wandb")
 CSV_COLUMNS = [
     "label",  # the overrides that vary across the reported runs
@@ -175,12 +181,35 @@ def load_run(run_dir: Path, name: str) -> Run:
 # ---------------------------------------------------------------- per-run numbers
 
 
+LOSS_KEYS = ("alpha", "mu")  # top-level keys that only some losses take
+
+
+def loss_takes(run: Run, key: str) -> bool | None:
+    """Whether the run's loss takes `key` (a keyword of its function in `opo_cli.losses.LOSSES`);
+    None when the loss is unknown (no saved config and no `method` override, or a name the
+    registry does not hold)."""
+    from opo_cli.losses import LOSSES  # torch: loaded only when a report needs it
+
+    name = config_value(run, "method.loss") or run.overrides.get("method")
+    if name not in LOSSES:
+        return None
+    return key in inspect.signature(LOSSES[name]).parameters
+
+
+def unused_keys(run: Run) -> set[str]:
+    """The `LOSS_KEYS` the run's loss does not take: set or swept, they change nothing."""
+    return {k for k in LOSS_KEYS if loss_takes(run, k) is False}
+
+
 def config_value(run: Run, key: str) -> Any:
     """A config value (`alpha`, `mu`, `seed`, ...), else the run's override, else None.
 
-    alpha and mu come from `method.loss_kwargs` when the method lists its kwargs, so a GRPO
-    run does not show the (unused) top-level alpha.
+    alpha and mu are None where the run's loss does not take them (`loss_takes`): a GRPO run
+    in an alpha x mu sweep shows none. Otherwise they come from `method.loss_kwargs` when the
+    method lists its kwargs.
     """
+    if key in LOSS_KEYS and key in unused_keys(run):
+        return None
     value = None
     if run.config is not None:
         kwargs = OmegaConf.select(run.config, "method.loss_kwargs", default=None)
@@ -249,34 +278,65 @@ def resolve_threshold(cfg: DictConfig, finals: Sequence[float]) -> float:
 # ---------------------------------------------------------------- labels and summary
 
 
-def varying_labels(runs: Sequence[Run]) -> list[str]:
-    """Per run, `k=v,...` over the override keys whose value differs across runs.
-
-    Runs with nothing varying fall back to their folder name; labels that clash (the same
-    sweep given twice, numbered folders of two sweeps) get the path below the runs' common
-    folder, which is unique.
-    """
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """The override keys whose value differs across `runs`, in order of first appearance."""
     keys: list[str] = []
     for run in runs:
         keys += [k for k in run.overrides if k not in keys]
-    varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+
+
+def varying_labels(runs: Sequence[Run]) -> list[str]:
+    """Per run, `k=v,...` over the override keys whose value differs across runs, leaving
+    out alpha and mu where the run's loss does not take them.
+
+    Runs with nothing varying fall back to their folder name. Labels that clash because the
+    runs differ only in keys their loss ignores are repeats, numbered `#1`, `#2`, ...; other
+    clashes (the same sweep given twice, numbered folders of two sweeps) get the path below
+    the runs' common folder, which is unique.
+    """
+    varying = varying_keys(runs)
     labels = [
-        ",".join(f"{k}={r.overrides[k]}" for k in varying if k in r.overrides) or r.name
+        ",".join(f"{k}={r.overrides[k]}" for k in varying if k in used_overrides(r)) or r.name
         for r in runs
     ]
     if len(set(labels)) == len(labels):
         return labels
     common = os.path.commonpath([r.path.resolve() for r in runs])
-    where = [r.path.resolve().relative_to(common).as_posix() for r in runs]
-    return [
-        (f"{lab} ({w})" if lab != r.name else w) if labels.count(lab) > 1 else lab
-        for lab, w, r in zip(labels, where, runs, strict=True)
-    ]
+    out = []
+    for lab, r in zip(labels, runs, strict=True):
+        twins = [q for q, other in zip(runs, labels, strict=True) if other == lab]
+        if len(twins) == 1:
+            out.append(lab)
+        elif len({tuple(sorted(q.overrides.items())) for q in twins}) == len(twins):
+            out.append(f"{lab} #{twins.index(r) + 1}")  # repeats: only ignored keys differ
+        else:
+            where = r.path.resolve().relative_to(common).as_posix()
+            out.append(f"{lab} ({where})" if lab != r.name else where)
+    return out
+
+
+def used_overrides(run: Run) -> dict[str, str]:
+    """The run's overrides without the alpha and mu its loss does not take."""
+    unused = unused_keys(run)
+    return {k: v for k, v in run.overrides.items() if k not in unused}
+
+
+GRID_KEYS = ("alpha", "mu", "seed", "method")  # a heatmap's axes, its repeats and its name
+
+
+def grid_group(run: Run, varying: Sequence[str]) -> tuple[tuple[str, str | None], ...]:
+    """The run's values of the varying overrides a heatmap must not average over (all but
+    `GRID_KEYS` and the keys its loss ignores): one heatmap per method and group."""
+    used = used_overrides(run)
+    return tuple((k, used.get(k)) for k in varying if k not in GRID_KEYS and k in used)
 
 
 def summarize(runs: Sequence[Run], labels: Sequence[str], cfg: DictConfig) -> list[dict]:
-    """One summary dict per run (keys `CSV_COLUMNS`), steps_to_threshold filled in last."""
+    """One summary dict per run (keys `CSV_COLUMNS`), steps_to_threshold filled in last;
+    `_group` holds the run's `grid_group`."""
     rows = []
+    varying = varying_keys(runs)
     for run, label in zip(runs, labels, strict=True):
         steps, reward = series(run.rows, "train/reward_mean")
         _, grad = series(run.rows, "train/grad_norm")
@@ -295,6 +355,7 @@ def summarize(runs: Sequence[Run], labels: Sequence[str], cfg: DictConfig) -> li
                 "eval_accuracy": eval_accuracy(run),
                 "path": str(run.path),
                 "_reward": (steps, ema(reward, cfg.smoothing)),  # kept for the threshold
+                "_group": grid_group(run, varying),  # heatmaps never average over these
             }
         )
     return rows
@@ -403,14 +464,18 @@ def curve_colors(n: int) -> list[Any]:
 
 
 def grids(summary: Sequence[dict]) -> dict[str, list[dict]]:
-    """Methods whose runs span >= 2 alphas and >= 2 mus -> those runs."""
-    by_method: dict[str, list[dict]] = {}
+    """Name -> runs of each alpha x mu grid: the runs of one method and one value of every
+    other varying override (`_group`: learning rate, dataset, ...), when they span >= 2
+    alphas and >= 2 mus. Runs in one cell differ only in seed (or in keys their loss
+    ignores): repeats, averaged. The name is the method, then the group's `k=v`."""
+    found: dict[str, list[dict]] = {}
     for row in summary:
         if is_number(row["alpha"]) and is_number(row["mu"]):
-            by_method.setdefault(str(row["method"]), []).append(row)
+            name = ",".join([str(row["method"]), *(f"{k}={v}" for k, v in row["_group"])])
+            found.setdefault(name, []).append(row)
     return {
-        m: rows
-        for m, rows in by_method.items()
+        name: rows
+        for name, rows in found.items()
         if len({r["alpha"] for r in rows}) >= 2 and len({r["mu"] for r in rows}) >= 2
     }
 
@@ -464,11 +529,11 @@ def plot_grids(summary: Sequence[dict], threshold: float, out: Path) -> list[Pat
     """Both heatmaps for every method with an alpha x mu grid; the paths written."""
     found = grids(summary)
     written = []
-    for method, rows in found.items():
-        suffix = f"_{method}" if len(found) > 1 else ""
+    for name, rows in found.items():
+        suffix = "_" + re.sub(r"[^\w.=,+-]", "_", name) if len(found) > 1 else ""
         for key, title in (
-            ("final_reward", f"{method}: final reward"),
-            ("steps_to_threshold", f"{method}: steps to reward ≥ {fmt(threshold, 3)}"),
+            ("final_reward", f"{name}: final reward"),
+            ("steps_to_threshold", f"{name}: steps to reward ≥ {fmt(threshold, 3)}"),
         ):
             written.append(out / f"heatmap_{key}{suffix}.png")
             plot_heatmap(rows, key, title, written[-1])

@@ -22,6 +22,7 @@ from opo_cli.advantages import uniform_groups
 from opo_cli.config import RolloutSettings
 from opo_cli.data import Problem, PromptSampler
 from opo_cli.decode import cache_argument, decode, shared_prefill
+from opo_cli.generation import generate_own, sampling_config, stop_token_ids
 from opo_cli.rewards import overlong_penalties
 from opo_cli.sampling import SampledTokenLogps, keeps_sampling_logps
 
@@ -61,9 +62,13 @@ class Rollout:
         return Rollout(**picked)
 
 
-def completion_mask_from_ids(completion_ids: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
-    """Mask up to and including the first EOS, and the truncated flag: (N, Lc) -> (N, Lc), (N,)."""
-    is_eos = completion_ids == eos_id  # (N, Lc)
+def completion_mask_from_ids(
+    completion_ids: Tensor, stop_ids: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """Mask up to and including the first stop id (any EOS), and the truncated flag (no stop
+    id at all): (N, Lc) -> (N, Lc), (N,)."""
+    stops = torch.as_tensor(list(stop_ids), device=completion_ids.device)  # (S,)
+    is_eos = torch.isin(completion_ids, stops)  # (N, Lc)
     seen_before = is_eos.long().cumsum(-1) - is_eos.long()  # (N, Lc) EOS strictly before t
     mask = (seen_before == 0).float()  # (N, Lc)
     return mask, ~is_eos.any(-1)
@@ -82,6 +87,7 @@ def hf_generate(
     keep_logps: bool,
     cache_implementation: str,
     share_prefill: bool,
+    stop_ids: Sequence[int],
 ) -> tuple[Tensor, SampledTokenLogps | None]:
     """Completion ids (N, Lc) sampled by HF `generate`, and the recorder of their log-probs.
 
@@ -92,22 +98,23 @@ def hf_generate(
     """
     prompt_ids = ids.repeat_interleave(group_size, 0)  # (N, Lp)
     recorder = SampledTokenLogps(ids.shape[1], temperature) if keep_logps else None
-    if cache_implementation == "static" and ids.device.type == "cuda":
-        cache = {"cache_implementation": "static"}
-    elif share_prefill and ids.shape[1] > 1:
+    static = cache_implementation == "static" and ids.device.type == "cuda"
+    cache = {}  # the model's default, every row prefilled
+    if share_prefill and not static and ids.shape[1] > 1:
         cache = {cache_argument(model): shared_prefill(model, ids, ids_mask, group_size)}
-    else:
-        cache = {}  # the model's default, every row prefilled
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=ids_mask.repeat_interleave(group_size, 0),  # (N, Lp)
-        do_sample=True,
+    config = sampling_config(
+        stop_ids=stop_ids,
+        pad_id=tok.pad_token_id,
+        max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
+        cache_implementation="static" if static else None,
+    )
+    out = generate_own(
+        model,
+        config,
+        input_ids=prompt_ids,
+        attention_mask=ids_mask.repeat_interleave(group_size, 0),  # (N, Lp)
         logits_processor=LogitsProcessorList([recorder] if recorder else []),
         **cache,
     )
@@ -134,11 +141,14 @@ def generate_rollout(
     `backend="hf"` samples with HF `generate` (`hf_generate`, which reads
     `cache_implementation` and `share_prefill`), `"opo"` with our loop (`opo_cli.decode`:
     shared prefill always; on CUDA a static cache and CUDA-graph decoding). `keep_logps`
-    keeps the log-prob and entropy of every sampled token.
+    keeps the log-prob and entropy of every sampled token. Either samples from
+    softmax(logits / T) cut to its top-p nucleus, whatever the model's own generation config
+    says, and ends a completion at any EOS id it names (`opo_cli.generation`).
     """
     enc = tok(prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     ids, ids_mask = enc.input_ids.to(device), enc.attention_mask.to(device)  # (P, Lp) x 2
+    stop_ids = stop_token_ids(model, tok)
     was_training = model.training
     model.eval()
     if backend == "opo":
@@ -149,7 +159,7 @@ def generate_rollout(
             ids_mask,
             group_size=group_size,
             max_new_tokens=max_new_tokens,
-            eos_id=tok.eos_token_id,
+            stop_ids=stop_ids,
             pad_id=tok.pad_token_id,
             temperature=temperature,
             top_p=top_p,
@@ -169,9 +179,10 @@ def generate_rollout(
             keep_logps=keep_logps,
             cache_implementation=cache_implementation,
             share_prefill=share_prefill,
+            stop_ids=stop_ids,
         )
     model.train(was_training)
-    mask, truncated = completion_mask_from_ids(completion_ids, tok.eos_token_id)
+    mask, truncated = completion_mask_from_ids(completion_ids, stop_ids)
     if backend == "hf":  # decode() zeroes them past EOS itself
         kept = recorder.finish(completion_ids, mask) if recorder else (None, None)  # (N, Lc) x 2
     elif not keep_logps:

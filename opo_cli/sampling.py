@@ -28,8 +28,9 @@ class SampledTokenLogps(LogitsProcessor):
 
     Passed to `generate(logits_processor=...)`, it runs after the model's own processors and
     before temperature and top-p (which `generate` appends last), and returns the scores
-    unchanged. The rollout's generate call sets no processor of its own, so the scores it sees
-    are the raw logits: the distribution the training forward recomputes at temperature T.
+    unchanged. The rollout's generate call runs under a config of our own that sets no other
+    processor (`opo_cli.generation`), so the scores it sees are the raw logits: the
+    distribution the training forward recomputes at temperature T.
     The token sampled at step t is read at step t + 1, where it ends `input_ids`; `finish`
     reads the last one.
     """

@@ -72,10 +72,13 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsFile:
-    """Append-only metrics.jsonl; on resume, rows after the checkpoint's step are dropped."""
+    """Append-only metrics.jsonl; on resume, rows after the checkpoint's step are dropped.
+    `last_logged` is the last step the file held before (0 for a new file)."""
 
     def __init__(self, path: Path, keep_until_step: int):
-        kept = [r for r in read_metrics(path) if r["step"] <= keep_until_step]
+        rows = read_metrics(path)
+        self.last_logged = int(rows[-1]["step"]) if rows else 0
+        kept = [r for r in rows if r["step"] <= keep_until_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._f = path.open("a")
 
@@ -85,6 +88,9 @@ class MetricsFile:
 
     def close(self) -> None:
         self._f.close()
+
+
+WANDB_ID_FILE = "wandb_run_id"  # the run folder's W&B run id: a rerun resumes that W&B run
 
 
 def wandb_mode(requested: str) -> str:
@@ -127,7 +133,7 @@ def start_wandb(cfg: DictConfig, run_dir: Path, name: str):
         import wandb
 
         mode = wandb_mode(lcfg.mode)
-        id_file = run_dir / "wandb_run_id"
+        id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         if mode == "offline" and lcfg.mode == "auto" and not os.environ.get("WANDB_MODE"):
@@ -151,10 +157,19 @@ def start_wandb(cfg: DictConfig, run_dir: Path, name: str):
 
 
 class Tracker:
-    """One `log(step, metrics)` call per step feeds the file, the console and W&B."""
+    """One `log(step, metrics)` call per step feeds the file, the console and W&B.
+
+    On resume, the steps between the checkpoint and the last step logged before are run
+    again. W&B keeps the first value of a step and drops steps at or below its last one, so
+    a resumed W&B run is sent only the steps after the last one it holds (`wandb_after`: the
+    last step of metrics.jsonl before the resume, written just before W&B's). Resuming is
+    deterministic (same rows but timings), so W&B's first values are the file's values.
+    """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, *, start_step: int, total_steps: int):
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", keep_until_step=start_step)
+        resumes_wandb = (run_dir / WANDB_ID_FILE).exists()
+        self.wandb_after = self.metrics.last_logged if resumes_wandb else 0
         self.run = start_wandb(cfg, run_dir, name=cfg.run_name)
         self.log_every = cfg.trainer.log_every
         self.total = total_steps
@@ -175,7 +190,8 @@ class Tracker:
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **metrics}
         self.metrics.write(row)
-        self.run.log(metrics, step=step)
+        if step > self.wandb_after:
+            self.run.log(metrics, step=step)
         summary = format_metrics(metrics)
         self.progress.update(self.task, completed=step, summary=summary)
         if step % self.log_every == 0 or step == self.total:

@@ -8,6 +8,7 @@ Run it with `opo train [overrides]`; `train(cfg, run_dir)` is the plain function
 
 from __future__ import annotations
 
+import inspect
 import random
 import resource
 import time
@@ -22,12 +23,12 @@ from opo_cli.checkpoint import load_trainer_state, save_checkpoint, set_rng_stat
 from opo_cli.config import TrainSettings, validate_eval, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
 from opo_cli.errors import UserError
-from opo_cli.evaluate import held_out_metrics
+from opo_cli.evaluate import check_held_out, held_out_metrics
 from opo_cli.losses import ROW_SEPARABLE, LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
 from opo_cli.rewards import get_reward
 from opo_cli.rollout import Rollout, sample_batch
-from opo_cli.runs import list_checkpoints
+from opo_cli.runs import list_checkpoints, set_aside_previous_run
 from opo_cli.stopping import BadStepCounter, Diverged, Interrupted, SignalStop
 from opo_cli.tracking import PLAIN, Tracker, console, warn_damaged
 
@@ -281,7 +282,10 @@ def start_state(cfg, s: TrainSettings, run_dir: Path, initial: str, device, dtyp
 
     A damaged checkpoint (a cut-off or corrupt file) is skipped with a one-line warning for
     the one before it; when every one is damaged the run stops rather than start over.
+    `trainer.resume=never` first moves an earlier run's outputs aside (`set_aside_previous_run`).
     """
+    if s.trainer.resume == "never" and (aside := set_aside_previous_run(run_dir)):
+        console.print(f"trainer.resume=never: the earlier run's outputs moved to {aside}", **PLAIN)
     checkpoints = list_checkpoints(run_dir) if s.trainer.resume == "auto" else []
     for folder in checkpoints:
         try:
@@ -334,6 +338,18 @@ def stop_early(state: RunState, s: TrainSettings, stop: SignalStop, diverged: bo
         )
 
 
+def inert_mu_note(s: TrainSettings) -> str | None:
+    """The console note for a run whose loss takes `mu` but gets one update per rollout:
+    that update is at pi = pi_old (Delta = 0), where the mu term has no gradient."""
+    updates = s.trainer.epochs * s.trainer.mini_batches
+    if updates > 1 or "mu" not in inspect.signature(get_loss(s.loss)).parameters:
+        return None
+    return (
+        "note: trainer.epochs x trainer.mini_batches = 1 update per rollout, made at "
+        "pi = pi_old: mu has no effect (trainer.mini_batches=2 lets it act)"
+    )
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run (or resume) one training run in `run_dir`; returns the last metrics row.
 
@@ -346,6 +362,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     device = pick_device(s.trainer.device)
     dtype = pick_dtype(s.trainer.dtype, device)
     problems, held_out = load_problems(cfg.dataset)
+    check_held_out(ev, held_out)
+    if note := inert_mu_note(s):
+        console.print(note, **PLAIN)
     initial = initial_model_path(cfg, problems)
     state = start_state(cfg, s, run_dir, initial, device, dtype, len(problems))
     policy, opt, sched, sampler = state.policy, state.opt, state.sched, state.sampler

@@ -4,6 +4,7 @@ random-weight tiny model."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ MATH_DIR = Path(os.environ.get("OPO_MATH_DIR", REPO.parent / "shared" / "data" /
 needs_math = pytest.mark.skipif(
     not (MATH_DIR / "test.jsonl").exists(), reason=f"no MATH data at {MATH_DIR}"
 )
+
+OPO = [sys.executable, "-m", "opo_cli"]  # the `opo` command, by this interpreter: PATH not needed
 
 TINY = [  # a run that takes about a second on a CPU
     "logger=none",

@@ -18,6 +18,7 @@ from opo_cli.data import (
     load_problems,
     parse_level,
     parse_math_rows,
+    stratified_sample,
 )
 from opo_cli.models import train_tokenizer
 from tests.conftest import MATH_DIR, compose_config, needs_math
@@ -232,3 +233,28 @@ def test_format_prompt_plain_chat_and_bare():
     assert format_prompt(problem, tok, template) == expected
     thinking = format_prompt(problem, tok, template, enable_thinking=True)
     assert thinking == expected.removesuffix("<no_think>")
+
+
+def test_a_stratified_sample_keeps_each_subject_and_level_in_proportion():
+    # a file sorted by subject: 6 Algebra L1, 3 Algebra L2, 1 Geometry L1 -- the first 5 rows
+    # would be Algebra Level 1 only
+    kinds = [("Algebra", 1)] * 6 + [("Algebra", 2)] * 3 + [("Geometry", 1)]
+    problems = [Problem(f"p{i}", "1", {"subject": s, "level": v}) for i, (s, v) in enumerate(kinds)]
+    # k = 5: shares 3, 1.5, 0.5 -> 3, 1, 0 and one more to a remainder of .5 (the seed decides)
+    draws = {seed: stratified_sample(problems, 5, seed) for seed in range(20)}
+    for sample in draws.values():
+        counts = Counter((p.meta["subject"], p.meta["level"]) for p in sample)
+        assert counts[("Algebra", 1)] == 3
+        assert (counts[("Algebra", 2)], counts[("Geometry", 1)]) in {(2, 0), (1, 1)}
+        assert sample == sorted(sample, key=lambda p: int(p.prompt[1:]))  # in file order
+    assert len({tuple(p.prompt for p in s) for s in draws.values()}) > 1  # the seed matters
+    assert stratified_sample(problems, 5, 3) == draws[3]  # and fixes the sample
+    # k = 4 over two equal subjects: two of each, whatever the seed
+    halves = [Problem(f"q{i}", "1", {"subject": "AB"[i // 10], "level": 3}) for i in range(20)]
+    for seed in range(5):
+        picked = Counter(p.meta["subject"] for p in stratified_sample(halves, 4, seed))
+        assert picked == {"A": 2, "B": 2}
+    assert stratified_sample(problems, None, 0) == problems  # no limit: all, in order
+    assert stratified_sample(problems, 50, 0) == problems
+    arith = [Problem(f"{i}+0=", str(i)) for i in range(30)]  # no strata: a plain seeded sample
+    assert len(set(stratified_sample(arith, 7, 1))) == 7

@@ -51,7 +51,7 @@ def test_our_loop_samples_what_generate_samples(model_and_tok, prompts, temperat
 def decode_both(model, tok, prompts, max_new_tokens):
     """decode() with the dynamic and then the static cache, same seed: two (ids, logps, ent)."""
     enc = tok(prompts, return_tensors="pt", padding=True)
-    kwargs = {"group_size": 2, "eos_id": tok.eos_token_id, "pad_id": 0}
+    kwargs = {"group_size": 2, "stop_ids": [tok.eos_token_id], "pad_id": 0}
     outs = []
     for static in (False, True):
         torch.manual_seed(3)
@@ -96,7 +96,7 @@ def test_decoding_stops_once_every_row_has_ended(tiny_cache):
         group_size=4,
         max_new_tokens=40,
         temperature=0.3,
-        eos_id=tok.eos_token_id,
+        stop_ids=[tok.eos_token_id],
         pad_id=tok.pad_token_id,
         check_every=4,
     )
@@ -136,7 +136,7 @@ def test_a_run_with_our_loop_learns_the_same_first_step(tmp_path, tiny_cache):
 def test_compiled_decoding_gives_the_eager_tokens(model_and_tok):
     model, tok = model_and_tok
     enc = tok(RAGGED, return_tensors="pt", padding=True)
-    kwargs = {"group_size": 3, "max_new_tokens": 8, "eos_id": tok.eos_token_id, "pad_id": 0}
+    kwargs = {"group_size": 3, "max_new_tokens": 8, "stop_ids": [tok.eos_token_id], "pad_id": 0}
     outs = []
     for compiled in (False, True, True):  # compiles once, then reuses the graph
         torch.manual_seed(1)

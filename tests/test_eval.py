@@ -15,19 +15,31 @@ from omegaconf import DictConfig
 
 import opo_cli.config as C
 from opo_cli import cli
-from opo_cli.data import Problem
+from opo_cli.data import Problem, load_problems
 from opo_cli.errors import UserError
 from opo_cli.evaluate import (
+    VOTING,
     Graded,
+    Voting,
     evaluate,
     majority_correct,
-    math_answer_key,
     pass_at_k,
     summarise,
 )
+from opo_cli.rewards import grade_math
 from opo_cli.runs import model_candidates
 from opo_cli.train import train
 from tests.conftest import MATH_DIR, compose_config, needs_math
+
+LEVEL3_SUBJECTS = [  # MATH's seven subjects, in the order of their Level 3 test counts below
+    "Algebra",
+    "Counting & Probability",
+    "Geometry",
+    "Intermediate Algebra",
+    "Number Theory",
+    "Prealgebra",
+    "Precalculus",
+]
 
 TINY = [  # a fast tiny run: 2 prompts x 2 completions of 4 tokens, no warm start
     "model.tiny.warm_start.steps=0",
@@ -61,13 +73,37 @@ def test_pass_at_k_matches_the_closed_form_by_hand():
 
 
 def test_majority_vote_over_normalised_boxed_answers():
+    by_math = VOTING["math"]
     responses = ["so \\boxed{3}", "\\boxed{\\dfrac{1}{2}}", "I think $\\boxed{\\frac{1}{2}}$.", "?"]
     # \dfrac and \frac are one answer: 1/2 gets 2 votes, 3 gets 1, "?" has no answer
-    assert majority_correct(responses, [False, True, True, False], math_answer_key) is True
-    assert majority_correct(responses, [True, False, False, False], math_answer_key) is False
+    assert majority_correct(responses, [False, True, True, False], by_math) is True
+    assert majority_correct(responses, [True, False, False, False], by_math) is False
     tie = ["\\boxed{4}", "\\boxed{5}"]  # a tie goes to the answer seen first
-    assert majority_correct(tie, [True, False], math_answer_key) is True
-    assert majority_correct(["no answer"], [False], math_answer_key) is False
+    assert majority_correct(tie, [True, False], by_math) is True
+    assert majority_correct(tie[::-1], [False, True], by_math) is False
+    assert majority_correct(["no answer"], [False], by_math) is False
+
+    def never(pairs):
+        raise AssertionError("the grader is not needed here")
+
+    keys_decide = Voting(by_math.extract, by_math.key, never)
+    five = ["\\boxed{7}", "\\boxed{7}", "\\boxed{7}", "\\boxed{1}", "\\boxed{2}"]
+    assert majority_correct(five, [False] * 3 + [True, False], keys_decide) is False  # 3 > 1
+    assert majority_correct(five, [True] * 3 + [False] * 2, keys_decide) is True  # 3 > 2 answers
+
+
+@pytest.mark.parametrize(
+    ("gold", "expected"),
+    [
+        ("\\frac{1}{2}", True),  # three right answers in three spellings outvote 3, 3
+        ("3", False),  # the three spellings of one half are one wrong answer: 3 to 2
+    ],
+)
+def test_majority_vote_groups_answers_the_grader_calls_equal(gold, expected):
+    responses = [f"\\boxed{{{a}}}" for a in ("3", "3", "\\frac12", "0.5", "1/2")]
+    correct = [grade_math(r, f"\\boxed{{{gold}}}") for r in responses]
+    assert sum(correct) == (3 if expected else 2)  # the grader's verdicts, as opo eval has them
+    assert majority_correct(responses, correct, VOTING["math"]) is expected
 
 
 def graded(subject: str, level: int, correct: list[bool], answers: list[str]) -> Graded:
@@ -83,7 +119,7 @@ def test_summary_by_hand():
         graded("Algebra", 4, [False, False, False, False], ["2", "2", "3", "3"]),
         graded("Geometry", 3, [True, True, True, False], ["1", "1", "1", "7"]),
     ]
-    out = summarise(results, (1, 2, 4), math_answer_key)
+    out = summarise(results, (1, 2, 4), VOTING["math"])
     assert out["accuracy"] == pytest.approx((2 / 4 + 0 + 3 / 4) / 3)
     # pass@2 = 1 - C(n-c,2)/C(4,2): c=2 -> 1-1/6, c=0 -> 0, c=3 -> 1
     assert out["pass@2"] == pytest.approx((5 / 6 + 0 + 1) / 3)
@@ -151,7 +187,14 @@ def test_opo_eval_writes_eval_json_for_a_run_folder(math_run, tmp_path, monkeypa
     assert result["checkpoint"] == str(math_run / "final")
     assert result["by_level"] == {"Level 3": {"n": 8, "accuracy": result["accuracy"]}}
     assert sum(row["n"] for row in result["by_subject"].values()) == 8
-    assert samples[0]["gold"] == "2"  # the first Level 3 test problem: 2 vertical asymptotes
+    assert (result["split"], result["split_size"]) == (str(MATH_DIR / "test.jsonl"), 1131)
+    assert len({row["problem"] for row in samples}) == 8  # 8 of the 1,131 Level 3 test problems
+    assert result["sample"] == "stratified by subject and level, seed 0 (dataset.split_seed)"
+    # the file's first 8 Level 3 rows are all Algebra; shares of 8 by subject (261, 100, 102,
+    # 195, 122, 224, 127 of 1,131): 1.85 0.71 0.72 1.38 0.86 1.58 0.90 -> integer parts 1, 0,
+    # 0, 1, 0, 1, 0, and the 5 largest remainders (.90 .86 .85 .72 .71) one more each
+    expected = [2, 1, 1, 1, 1, 1, 1]
+    assert [result["by_subject"][s]["n"] for s in LEVEL3_SUBJECTS] == expected
     assert "accuracy" in capsys.readouterr().err
 
 
@@ -214,3 +257,39 @@ def test_eval_every_adds_eval_metrics_to_the_training_rows(tmp_path):
     assert 0.0 <= rows[1]["eval/accuracy"] <= 1.0
     assert rows[1]["eval/accuracy"] * 5 == round(rows[1]["eval/accuracy"] * 5)  # k of 5 right
     assert 1 <= rows[1]["eval/response_len_mean"] <= 4
+
+
+def test_opo_eval_on_arith_measures_the_held_out_problems_only(tmp_path):
+    run = tmp_path / "run"
+    train(compose_cfg("train", "trainer.steps=1", f"model.cache_dir={tmp_path}", *TINY), run)
+    cfg = compose_cfg("eval", f"checkpoint={run}", "dataset=arith", "eval.max_new_tokens=2")
+    result = evaluate(cfg, tmp_path / "eval")
+    # arith: 20 x 20 sums, 40 held out (dataset.eval_size), the other 360 trained on
+    assert (result["split"], result["split_size"], result["n"]) == ("held_out", 40, 40)
+    assert result["sample"] == "all"
+    train_set, held_out = load_problems(cfg.dataset)
+    assert len(train_set) == 360
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").open()]
+    assert sorted(r["problem"] for r in rows) == sorted(p.prompt for p in held_out)
+    limited = evaluate(
+        compose_cfg(
+            "eval", f"checkpoint={run}", "dataset=arith", "eval.max_new_tokens=2", "eval.limit=5"
+        ),
+        tmp_path / "eval5",
+    )
+    assert (limited["split_size"], limited["n"]) == (40, 5)
+    assert limited["sample"].startswith("stratified by subject and level, seed 0")
+
+
+def test_eval_every_without_held_out_problems_is_refused_before_training(tmp_path):
+    cfg = compose_cfg(
+        "train",
+        "trainer.steps=3",
+        "eval.every=2",
+        "dataset.eval_size=0",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        *TINY,
+    )
+    with pytest.raises(UserError, match=r"eval\.every=2 needs held-out problems"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step was trained

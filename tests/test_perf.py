@@ -176,7 +176,7 @@ def ragged_rollout(tok) -> Rollout:
     for i, e in enumerate(ends):
         if e < 4:
             completion[i, e] = eos
-    mask, truncated = completion_mask_from_ids(completion, eos)  # (8, 4), (8,)
+    mask, truncated = completion_mask_from_ids(completion, [eos])  # (8, 4), (8,)
     completion = torch.where(mask.bool(), completion, tok.pad_token_id)  # (8, 4)
     return Rollout(
         input_ids=torch.cat([prompt_ids, completion], 1),  # (8, Lp + 4)

@@ -28,7 +28,7 @@ from opo_cli.models import load_policy
 from opo_cli.rollout import generate_rollout
 from opo_cli.stopping import BAD_STEPS_EXIT_CODE, BadStepCounter, Diverged, Interrupted, SignalStop
 from opo_cli.tracking import read_metrics
-from tests.conftest import compose_config
+from tests.conftest import OPO, compose_config
 
 TINY = [
     "rollout.prompts_per_step=2",
@@ -104,7 +104,7 @@ BAD_INPUTS = [  # (id, command line, what the one error line must name)
 
 def run_opo(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["opo", *args], cwd=cwd, env=opo_env(cache), capture_output=True, text=True, timeout=300
+        [*OPO, *args], cwd=cwd, env=opo_env(cache), capture_output=True, text=True, timeout=300
     )
 
 
@@ -133,6 +133,12 @@ def test_bad_input_ends_in_one_line_naming_the_key(bad_input_results, name):
     assert key in lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (cwd / "outputs").exists()  # refused before any run folder was made
+
+
+def test_the_opo_command_runs_without_its_bin_folder_on_path(tmp_path):
+    env = {**os.environ, "PATH": str(tmp_path)}  # no `opo` (nor anything else) to be found
+    proc = subprocess.run([*OPO, "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: opo COMMAND")
 
 
 def test_bad_step_counter_counts_only_fully_skipped_steps_in_a_row():
@@ -241,6 +247,33 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(cache, reference_
     assert len(read_metrics(run / "metrics.jsonl")) == 4  # the logged steps are kept
 
 
+def test_resume_never_starts_fresh_with_the_earlier_run_moved_aside(
+    cache, reference_run, tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)  # 4 steps: step_2, step_4, final/, 4 metrics rows
+    steps = steps_run(monkeypatch)
+    cfg = compose_train(cache, "trainer.steps=2", "trainer.save_every=1", "trainer.resume=never")
+    T.train(cfg, run)
+    assert steps == [1, 2]
+    # only the new run's checkpoints: the old step_4 neither survives pruning nor replaces one
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1", "step_2"]
+    new_final = load_file(run / "final" / "model.safetensors")
+    new_step_2 = load_file(run / "checkpoints" / "step_2" / "model.safetensors")
+    assert all(torch.equal(new_final[k], new_step_2[k]) for k in new_final)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    [aside] = (run / "replaced").iterdir()
+    assert str(aside) in capsys.readouterr().err
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    old_final = load_file(reference_run / "final" / "model.safetensors")
+    moved_final = load_file(aside / "final" / "model.safetensors")
+    assert all(torch.equal(old_final[k], moved_final[k]) for k in old_final)
+    assert len(read_metrics(aside / "metrics.jsonl")) == 4
+    steps.clear()
+    T.train(compose_train(cache, "trainer.steps=3", "trainer.save_every=1"), run)
+    assert steps == [3]  # a plain rerun resumes the new run, not the old one
+
+
 def test_signal_stop_records_the_first_signal_and_restores_the_handlers():
     before = signal.getsignal(signal.SIGTERM)
     with SignalStop() as stop:
@@ -287,7 +320,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_to_identical_metrics(c
     steps = 6
     overrides = [*TINY, f"trainer.steps={steps}", "trainer.save_every=1"]
     run = tmp_path / "run"
-    command = ["opo", "train", *overrides, f"hydra.run.dir={run}"]
+    command = [*OPO, "train", *overrides, f"hydra.run.dir={run}"]
     env = opo_env(cache)
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     wait_for_rows(run / "metrics.jsonl", 2, proc, timeout_s=240)
@@ -328,7 +361,7 @@ def test_wandb_failing_to_start_never_stops_training(cache, tmp_path, monkeypatc
 def test_wandb_without_an_account_logs_offline_under_the_run_folder(cache, tmp_path):
     run = tmp_path / "run"
     command = [
-        "opo",
+        *OPO,
         "train",
         "method=opo",
         "alpha=0.6",
@@ -355,6 +388,43 @@ def test_wandb_without_an_account_logs_offline_under_the_run_folder(cache, tmp_p
     rows = read_metrics(run / "metrics.jsonl")
     for key in ("train/reward_mean", "train/grad_norm"):
         assert [h[key] for h in logged if key in h] == [r[key] for r in rows]
+
+
+def wandb_history(run_file: Path) -> dict[int, dict]:
+    """step -> the metrics of each history record of a W&B run file."""
+    out = {}
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
+            out[record.history.step.num] = items
+    return out
+
+
+@pytest.mark.slow  # two offline W&B runs in process: 20-40 s on the shared 2-core box
+def test_a_resumed_wandb_run_gets_only_the_steps_it_lacks(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    args = ("logger=wandb", "trainer.save_every=2")
+    T.train(compose_train(cache, "trainer.steps=4", *args), run)
+    # the run died after logging step 4, before its checkpoint: it resumes from step 2
+    shutil.rmtree(run / "checkpoints" / "step_4")
+    shutil.rmtree(run / "final")
+    T.train(compose_train(cache, "trainer.steps=6", *args), run)
+    first, second = (
+        wandb_history(next(d.glob("run-*.wandb")))
+        for d in sorted((run / "wandb").glob("offline-run-*"))
+    )
+    assert sorted(first) == [1, 2, 3, 4]
+    assert sorted(second) == [5, 6]  # not 3 and 4 again: W&B would drop them
+    rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    for step, logged in {**first, **second}.items():  # W&B holds the file's values
+        for key in ("train/reward_mean", "train/loss", "train/grad_norm"):
+            assert logged[key] == pytest.approx(rows[step][key], rel=1e-6)
 
 
 def wandb_records(path: Path) -> list:

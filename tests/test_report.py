@@ -18,8 +18,12 @@ from opo_cli.report import (
     ema,
     final_mean,
     grid_cells,
+    grids,
+    load_runs,
     parse_overrides,
     report,
+    summarize,
+    varying_labels,
 )
 from tests.conftest import compose_config
 
@@ -230,3 +234,50 @@ def test_grid_cells_average_over_seeds():
     _, _, steps, texts = grid_cells(rows, "steps_to_threshold")
     assert steps[0] == [10, 30] and math.isnan(steps[1][0])  # mean over the seeds that reached
     assert texts == [["10\n1/2 seeds", "30"], ["—", "no run"]]
+
+
+def grpo_config(alpha: float, mu: float) -> dict:
+    kwargs = {"clip_low": 0.2, "clip_high": 0.2, "beta": 0.0, "agg": "seq_mean_token_mean"}
+    method = {"name": "grpo", "loss": "grpo", "loss_kwargs": kwargs}
+    return {"method": method, "alpha": alpha, "mu": mu, "seed": 0, "trainer": {"steps": STEPS}}
+
+
+def test_methods_without_alpha_or_mu_get_no_grid_and_are_repeats(tmp_path: Path):
+    # opo train -m method=opo,grpo alpha=0.3,0.6 mu=0.5,1.0: the four GRPO runs are one run
+    root = tmp_path / "sweep"
+    for i, ((alpha, mu), rewards) in enumerate(GRID.items()):
+        for j, (name, config) in enumerate((("opo", opo_config), ("grpo", grpo_config))):
+            overrides = [f"method={name}", f"alpha={alpha}", f"mu={mu}"]
+            cfg = config(alpha, mu) | ({"method": {**config(alpha, mu)["method"], "loss": name}})
+            write_run(root / str(2 * i + j), rewards, overrides=overrides, config=cfg)
+    out = report(compose_report(paths_arg(root)))
+    rows = read_csv(out / "summary.csv")
+    grpo = {label: row for label, row in rows.items() if row["method"] == "grpo"}
+    assert sorted(grpo) == [f"method=grpo #{i}" for i in (1, 2, 3, 4)]
+    assert all(row["alpha"] == row["mu"] == "" for row in grpo.values())
+    assert float(rows["method=opo,alpha=0.6,mu=1.0"]["alpha"]) == 0.6
+    heatmaps = sorted(p.name for p in out.glob("heatmap_*.png"))
+    assert heatmaps == ["heatmap_final_reward.png", "heatmap_steps_to_threshold.png"]  # opo's
+    assert "| method=grpo #1 | grpo |  |  | 0 |" in (out / "summary.md").read_text()
+
+
+def test_heatmaps_never_average_over_another_varying_override(tmp_path: Path):
+    # the 2 x 2 grid at two learning rates: one heatmap per rate, none mixing them
+    root = tmp_path / "sweep"
+    for lr, shift in (("1e-5", 0.0), ("1e-6", -0.5)):
+        for i, ((alpha, mu), rewards) in enumerate(GRID.items()):
+            overrides = ["method=opo", f"alpha={alpha}", f"mu={mu}", f"trainer.lr={lr}"]
+            moved = [r + shift for r in rewards]
+            write_run(root / lr / str(i), moved, overrides=overrides, config=opo_config(alpha, mu))
+    out = report(compose_report(paths_arg(root)))
+    assert sorted(p.name for p in out.glob("heatmap_final_reward*.png")) == [
+        "heatmap_final_reward_opo,trainer.lr=1e-5.png",
+        "heatmap_final_reward_opo,trainer.lr=1e-6.png",
+    ]
+    runs = load_runs([root])
+    summary = summarize(runs, varying_labels(runs), compose_report(paths_arg(root)))
+    found = grids(summary)
+    assert sorted(found) == ["opo,trainer.lr=1e-5", "opo,trainer.lr=1e-6"]
+    _, _, finals, _ = grid_cells(found["opo,trainer.lr=1e-6"], "final_reward")
+    # GRID's finals (1.0, 1.0, 0.7, 0.3) moved by -0.5, not averaged with the 1e-5 runs
+    assert finals[0] == pytest.approx([0.5, 0.5]) and finals[1] == pytest.approx([0.2, -0.2])

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 import opo_cli.config as C
 from opo_cli.cli import check_group_overrides
-from tests.conftest import compose_config
+from tests.conftest import OPO, compose_config
 
 TINY = [  # two steps of a tiny rollout on the untrained tiny model, no W&B
     "trainer.steps=2",
@@ -136,7 +136,7 @@ def cache(tmp_path_factory) -> Path:
 def opo(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OPO_CACHE": str(cache), "HYDRA_FULL_ERROR": "1"}
     result = subprocess.run(
-        ["opo", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [*OPO, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -16,7 +16,7 @@ from opo_cli.logprobs import completion_logps, token_logps
 from opo_cli.losses import get_loss
 from opo_cli.models import load_policy
 from opo_cli.rollout import completion_mask_from_ids, generate_rollout
-from opo_cli.train import backward_minibatch, initial_model_path, train
+from opo_cli.train import backward_minibatch, inert_mu_note, initial_model_path, train
 from tests.conftest import compose_train
 
 CONTRACT_KEYS = [
@@ -56,6 +56,22 @@ def test_every_group_option_composes_and_validates(group, tiny_cache):
 def test_bad_values_name_the_key(override, key, tiny_cache):
     with pytest.raises(ConfigError, match=f"^{key}[= ]"):
         validate_train(compose_train([override], tiny_cache))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "noted"),
+    [
+        (["method=opo", "trainer.mini_batches=1"], True),  # one update, at pi = pi_old
+        (["method=opo_code", "trainer.mini_batches=1"], True),  # its loss takes mu too
+        (["method=opo", "trainer.mini_batches=1", "trainer.epochs=2"], False),  # two updates
+        (["method=opo", "trainer.mini_batches=2"], False),
+        (["method=grpo", "trainer.mini_batches=1"], False),  # no mu to be inert
+    ],
+)
+def test_a_run_where_mu_cannot_act_says_so(overrides, noted, tiny_cache):
+    note = inert_mu_note(validate_train(compose_train(overrides, tiny_cache)))
+    assert (note is not None) == noted
+    assert note is None or "mu has no effect" in note
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +116,7 @@ def test_token_logps_values_and_gradient():
 def test_completion_mask_counts_up_to_and_including_first_eos():
     eos = 9
     ids = torch.tensor([[5, 9, 9, 9], [5, 6, 7, 8], [9, 1, 9, 2]])
-    mask, truncated = completion_mask_from_ids(ids, eos)
+    mask, truncated = completion_mask_from_ids(ids, [eos])
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert truncated.tolist() == [False, True, False]
 
