@@ -387,7 +387,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     stop_early(state, s, stop, diverged, save_state(run_dir, state, s))
         finally:
             tracker.close()
-        policy.model.save_pretrained(run_dir / "final", safe_serialization=True)
+        policy.model.save_pretrained(run_dir / "final")  # safetensors (transformers 5)
         policy.tok.save_pretrained(run_dir / "final")
     console.print(f"done: {run_dir / 'final'}")
     return row

@@ -53,6 +53,7 @@ def run_one(name: str, children: int) -> None:
 
 def score(name: str) -> dict:
     """Counts of a finished run, read from mutmut's metadata of the module."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
     from mutmut.stats import status_by_exit_code
 
     module = settings()[name]
@@ -73,6 +74,7 @@ def score(name: str) -> dict:
         "equivalent": sorted(equivalent & set(survived)),
         "not_killed": [f"{m} ({statuses[m]})" for m in survived if m not in equivalent],
         "score": killed / counted if counted else 1.0,
+        "diffs": {m: get_diff_for_mutant(m, path=module["path"]) for m in survived},
     }
 
 

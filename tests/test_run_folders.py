@@ -5,6 +5,7 @@ In-process and on the tiny model, seconds. Run: pytest tests/test_run_folders.py
 
 from __future__ import annotations
 
+import pickle
 import random
 import time
 from pathlib import Path
@@ -77,12 +78,33 @@ def test_a_stale_temp_folder_from_a_crashed_save_is_not_carried_into_the_checkpo
 ):
     # a save killed mid-write left .tmp_step_4 with a half-written file; the rerun's save of
     # step 4 must not pick it up
+    # (an adapter file there would make loaders take step_4 for a PEFT adapter)
     stale = tmp_path / "checkpoints" / ".tmp_step_4"
     stale.mkdir(parents=True)
-    (stale / "model-00001-of-00002.safetensors").write_bytes(b"cut off")
+    (stale / "adapter_model.safetensors").write_bytes(b"cut off")
     folder = save(tmp_path, 4, saving)
-    assert not (folder / "model-00001-of-00002.safetensors").exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["config.json", "generation_config.json", "model.safetensors", "optimizer.pt",
+         STATE_FILE, "tokenizer.json", "tokenizer_config.json"]
+    )  # fmt: skip
     assert not stale.exists()
+
+
+def test_the_first_checkpoint_of_a_run_creates_its_folders(tmp_path, saving):
+    folder = save(tmp_path / "outputs" / "train" / "new-run", 1, saving)
+    assert list_checkpoints(tmp_path / "outputs" / "train" / "new-run") == [folder]
+
+
+class Payload:
+    """Anything but tensors and plain containers: unpickling it would run code."""
+
+
+def test_a_trainer_state_holding_pickled_objects_is_refused(tmp_path, saving):
+    # checkpoints may come from elsewhere: loading one must never unpickle arbitrary objects
+    folder = save(tmp_path, 1, saving)
+    torch.save({"step": 1, "payload": Payload()}, folder / STATE_FILE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_trainer_state(folder)
 
 
 def test_saving_a_step_again_replaces_it(tmp_path, saving):
@@ -92,6 +114,22 @@ def test_saving_a_step_again_replaces_it(tmp_path, saving):
     folder = save(tmp_path, 6, saving, pos=2)
     assert load_trainer_state(folder)[0]["sampler"] == {"pos": 2}
     assert not (folder / "stray.txt").exists()
+
+
+def test_cuda_generators_are_saved_and_restored_on_a_gpu_machine(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["gpu0-state"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = rng_state()
+    assert state["cuda"] == ["gpu0-state"]
+    set_rng_state(state)
+    assert restored == [["gpu0-state"]]
+    set_rng_state({k: v for k, v in state.items() if k != "cuda"})  # saved on a CPU machine
+    assert restored == [["gpu0-state"]]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # resumed on a CPU machine
+    set_rng_state(state)
+    assert restored == [["gpu0-state"]]
 
 
 def test_rng_state_round_trip_replays_the_same_draws():
@@ -135,6 +173,12 @@ def test_a_model_folder_and_a_run_without_final(tmp_path):
     assert model_candidates(str(run)) == [str(run / "checkpoints" / "step_3")]
     model = tmp_path / "model"
     model.mkdir()
+    with pytest.raises(UserError) as error:
+        model_candidates(str(model))  # a folder, but neither a run nor a model
+    assert str(error.value) == (
+        f"checkpoint={model}: not a run folder (no final/ or checkpoints/step_N/) "
+        "nor a model folder (no config.json)"
+    )
     (model / "config.json").write_text("{}")
     assert model_candidates(str(model)) == [str(model)]
     with pytest.raises(UserError, match="no such folder"):
@@ -206,5 +250,7 @@ def test_opo_eval_checks_settings_and_names_the_model_folders(tmp_path):
     assert candidates == [str(model)] and s.n == 4
     with pytest.raises(ConfigError, match=r"eval\.limit"):
         check_eval(compose_config("eval", [f"checkpoint={model}", "eval.limit=0"]))
-    with pytest.raises(UserError, match="checkpoint= is required"):
+    with pytest.raises(
+        UserError, match=r"^checkpoint= is required: a run folder, a model folder or a hub id$"
+    ):
         check_eval(compose_config("eval", []))
