@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import opo_cli.evaluate as E
 from opo_cli.config import validate_eval
-from opo_cli.data import Problem, dataset_problems
+from opo_cli.data import Problem, dataset_problems, stratified_sample
 from opo_cli.errors import UserError
 from tests.conftest import compose_config
 
@@ -146,6 +147,7 @@ def test_exact_match_voting_reads_the_whole_completion():
     assert not E.majority_correct(["13", "13", "12"], [False, False, True], voting)
     assert not E.majority_correct(["  ", "12"], [False, False], voting)
     assert E.majority_correct(["", "", "12"], [False, False, True], voting)  # blanks: no vote
+    assert E.majority_correct(["12", "13", "14"], [True, False, False], voting)  # 1 : 1 : 1
 
 
 def test_math_same_asks_the_grader():
@@ -171,7 +173,7 @@ def scripted(monkeypatch):
 
     def fake(model, tok, prompts, *, n, max_new_tokens, temperature, top_p):
         assert not model.training  # generation runs in eval mode
-        calls.append((list(prompts), n, max_new_tokens))
+        calls.append((list(prompts), n, max_new_tokens, tok))
         texts, lengths, truncated = [], [], []
         for p in prompts:
             a, b = (int(v) for v in p.rstrip("=").split("+"))
@@ -196,7 +198,7 @@ def test_problems_are_batched_by_prompt_length_and_kept_in_order(scripted):
     model, seen = ScriptedModel().train(), []
     out = E.evaluate_problems(model, None, problems, cfg.dataset, validate_eval(cfg), seen.append)
     assert [c[0] for c in scripted] == [["2+3=", "4+4=", "1+11="], ["10+10="]]  # shortest first
-    assert all(c[1:] == (2, cfg.eval.max_new_tokens) for c in scripted)
+    assert all(c[1:3] == (2, cfg.eval.max_new_tokens) for c in scripted)
     assert seen == [3, 1]
     assert model.training  # put back as it was
     assert [g.problem for g in out] == problems
@@ -281,7 +283,10 @@ def test_the_sample_note_says_how_problems_were_chosen():
 
 
 def test_a_damaged_candidate_is_passed_over_for_the_next(monkeypatch, capsys):
+    seen = []
+
     def load(path, **kwargs):
+        seen.append(kwargs)
         if path != "good":
             raise OSError(f"{path}: truncated safetensors header\nmore detail")
         return "model", "tok"
@@ -292,6 +297,7 @@ def test_a_damaged_candidate_is_passed_over_for_the_next(monkeypatch, capsys):
         "model",
         "tok",
     )
+    assert seen == [{"device": "cpu", "dtype": None, "trust_remote_code": False}] * 2
     err = capsys.readouterr().err
     assert "skipping damaged checkpoint bad: bad: truncated safetensors header" in err
     assert "more detail" not in err
@@ -313,4 +319,114 @@ def test_results_name_the_gold_answer_not_the_solution(tmp_path):
         "index": 0, "sample": 0, "subject": "Algebra", "level": 2, "problem": "Q?",
         "gold": "42", "response": "\\boxed{42}", "correct": True, "tokens": 5, "truncated": False,
     }  # fmt: skip
-    assert json.loads((tmp_path / "eval.json").read_text()) == {"accuracy": 1.0}
+    assert (tmp_path / "eval.json").read_text() == '{\n  "accuracy": 1.0\n}\n'  # for reading
+
+
+# ---------------------------------------------------------------- what opo eval shows and logs
+
+
+class RecordingRun:
+    """A W&B run that keeps what it is given."""
+
+    def __init__(self):
+        self.logged, self.finished = [], False
+
+    def log(self, metrics, step):
+        self.logged.append((metrics, step))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_opo_eval_prints_tables_and_a_summary_and_logs_to_wandb(
+    scripted, model_folder, tmp_path, monkeypatch, capsys
+):
+    # MATH-like problems (subject and level) stand in for the dataset; the path is any file
+    subjects = ["Algebra", "Geometry"]
+    problems = [
+        Problem(f"{a}+{a + 1}=", str(2 * a + 1), {"subject": subjects[a % 2], "level": 1 + a % 3})
+        for a in range(6)
+    ]
+    runs, tok = [], object()
+    monkeypatch.setattr(E, "dataset_problems", lambda cfg: problems)
+    monkeypatch.setattr(E, "load_policy", lambda path, **kw: (ScriptedModel(), tok))
+    monkeypatch.setattr(
+        E, "start_wandb", lambda cfg, run_dir, name: runs.append((run_dir, name)) or run
+    )
+    run = RecordingRun()
+    data = tmp_path / "problems.jsonl"
+    data.write_text("")
+    out_dir = tmp_path / "deep" / "eval-folder-with-a-name-long-enough-to-wrap-an-80-column-line"
+    cfg = arith_cfg(
+        f"checkpoint={model_folder}", "eval.n=2", f"+dataset.path={data}", "eval.limit=4"
+    )
+    cfg.dataset.split_seed = 5
+    out = E.evaluate(cfg, out_dir)
+    assert all(call[3] is tok for call in scripted)  # the checkpoint's tokenizer
+    asked = [p for call in scripted for p in call[0]]
+    assert sorted(asked) == sorted(p.prompt for p in stratified_sample(problems, 4, 5))
+    assert out["path"] == str(data)
+    assert 0.0 <= out["eval_s"] < 60.0
+    assert runs == [(out_dir, "eval-arith")]
+    assert run.logged == [(E.wandb_metrics(out), 0)] and run.finished
+    err = capsys.readouterr().err
+    assert "Accuracy by subject" in err and "Accuracy by level" in err
+    assert "Level 2" in err and "Geometry" in err
+    extra = "  ".join(f"{k} {out[k]:.3f}" for k in ("pass@1", "pass@2", "maj@1", "maj@2"))
+    assert f"\naccuracy {out['accuracy']:.3f} on 4 problems  {extra}\n" in err
+    assert f"\nresults: {out_dir / 'eval.json'}\n" in err  # one line, however long
+    E.evaluate(cfg, out_dir)  # the same command again writes into the same folder
+
+
+def test_a_greedy_summary_line_has_no_trailing_space(
+    scripted, model_folder, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(E, "load_policy", lambda path, **kw: (ScriptedModel(), None))
+    E.evaluate(arith_cfg(f"checkpoint={model_folder}", "eval.limit=2"), tmp_path / "eval")
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("accuracy ")]
+    assert line.endswith(" on 2 problems")
+
+
+def test_trust_remote_code_reaches_the_loader(scripted, model_folder, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        E, "load_policy", lambda path, **kw: seen.append(kw) or (ScriptedModel(), None)
+    )
+    cfg = arith_cfg(f"checkpoint={model_folder}", "eval.limit=1", "eval.trust_remote_code=true")
+    E.evaluate(cfg, tmp_path / "eval")
+    assert seen[0]["trust_remote_code"] is True
+
+
+class PlainTokenizer:
+    chat_template = None  # a base model: the template is used as plain text
+
+
+def test_prompts_go_through_the_dataset_template_and_sampling_settings(monkeypatch):
+    calls = []
+
+    def fake(model, tok, prompts, *, n, max_new_tokens, temperature, top_p):
+        calls.append((tok, prompts, temperature, top_p))
+        return ["5"] * (len(prompts) * n), [1] * (len(prompts) * n), [False] * (len(prompts) * n)
+
+    monkeypatch.setattr(E, "generate_completions", fake)
+    cfg = arith_cfg("eval.n=2", "eval.temperature=0.7", "eval.top_p=0.8")
+    dataset = OmegaConf.create({"template": "Q: {problem}", "reward": "exact_match"})
+    tok = PlainTokenizer()
+    out = E.evaluate_problems(
+        ScriptedModel(), tok, [Problem("2+3=", "5")], dataset, validate_eval(cfg)
+    )
+    assert calls == [(tok, ["Q: 2+3="], 0.7, 0.8)]
+    assert out[0].correct == [True, True]
+
+
+def test_held_out_problems_are_the_same_seeded_sample_at_every_step(scripted):
+    cfg = compose_config("train", ["dataset=arith", "eval.limit=5", "dataset.split_seed=9"])
+    problems = dataset_problems(cfg.dataset)
+    E.held_out_metrics(ScriptedModel(), None, problems, cfg.dataset, validate_eval(cfg))
+    E.held_out_metrics(ScriptedModel(), None, problems, cfg.dataset, validate_eval(cfg))
+    first, second = ([p for p in call[0]] for call in scripted)
+    assert (
+        sorted(first)
+        == sorted(second)
+        == sorted(p.prompt for p in stratified_sample(problems, 5, 9))
+    )
