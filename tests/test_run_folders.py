@@ -102,7 +102,12 @@ class Payload:
 def test_a_trainer_state_holding_pickled_objects_is_refused(tmp_path, saving):
     # checkpoints may come from elsewhere: loading one must never unpickle arbitrary objects
     folder = save(tmp_path, 1, saving)
+    good = (folder / STATE_FILE).read_bytes()
     torch.save({"step": 1, "payload": Payload()}, folder / STATE_FILE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_trainer_state(folder)
+    (folder / STATE_FILE).write_bytes(good)
+    torch.save({"optimizer": Payload()}, folder / "optimizer.pt")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_trainer_state(folder)
 
