@@ -10,6 +10,7 @@ an hour per module on 2 busy cores), so not in CI. Run:
     python scripts/mutate.py                 # every module, one after the other
     python scripts/mutate.py losses runs     # some of them
     python scripts/mutate.py --children 2    # mutants tested at once (default 1)
+    python scripts/mutate.py losses --mutants 'opo_cli.losses.x_dpo_loss__*'   # some mutants
 Exit status 1 when a module scores under `--target` (default 0.9). Needs Python >= 3.11 (tomllib).
 """
 
@@ -34,8 +35,9 @@ def settings() -> dict[str, dict]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["opo"]["mutate"]
 
 
-def run_one(name: str, children: int) -> None:
-    """In this process: mutmut on module `name` alone, with its own test files."""
+def run_one(name: str, children: int, mutants: list[str]) -> None:
+    """In this process: mutmut on module `name` alone (its `mutants` if given, names or
+    globs), with its own test files."""
     import mutmut.configuration as mc
     from mutmut.__main__ import _run
 
@@ -48,7 +50,7 @@ def run_one(name: str, children: int) -> None:
     mc._config_reader = lambda: lambda key, default: overrides.get(key, base_reader(key, default))
     mc.reset_config()
     prefix = module["path"].removesuffix(".py").replace("/", ".")
-    _run(module.get("functions", [f"{prefix}.*"]), children)
+    _run(mutants or module.get("functions", [f"{prefix}.*"]), children)
 
 
 def score(name: str) -> dict:
@@ -83,11 +85,12 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help="names in [tool.opo.mutate]; default all")
     parser.add_argument("--children", type=int, default=1)
     parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--mutants", nargs="+", default=[], help="only these (names or globs)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one module, in-process
     args = parser.parse_args()
     os.chdir(REPO)
     if args.one:
-        run_one(args.one, args.children)
+        run_one(args.one, args.children, args.mutants)
         return 0
     names = args.modules or list(settings())
     unknown = sorted(set(names) - set(settings()))
@@ -100,6 +103,7 @@ def main() -> int:
     for name in names:
         shutil.rmtree(REPO / "mutants", ignore_errors=True)
         cmd = [sys.executable, __file__, "--one", name, "--children", str(args.children)]
+        cmd += ["--mutants", *args.mutants] if args.mutants else []
         subprocess.run(cmd, env=env, check=True)
         result = score(name)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

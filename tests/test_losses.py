@@ -5,6 +5,7 @@ Expected numbers are computed here from the formulas in DESIGN.md §1-2 with pla
     pytest tests/test_losses.py -q
 """
 
+import inspect
 import math
 
 import pytest
@@ -888,3 +889,98 @@ def test_opo_code_more_bad_settings_are_clear_errors(kwargs, match):
 def test_opo_code_smallest_vocabulary_is_two():
     _, stats = LOSSES["opo_code"](make(), alpha=0.5, mu=1.0, vocab_size=2, use_adaptive_tau=True)
     assert math.isfinite(stats["opo/tau"])
+
+
+# ---------------------------------------------------------------- mutation-testing survivors
+
+
+def test_clip_fractions_count_each_binding_token_once_on_its_side():
+    # asymmetric clips, one token per row, groups (1, 0) twice: A = (a, −a, a, −a). Row 0
+    # (A > 0) has ratio 1.15, row 3 (A < 0) ratio 0.75, which binds low (< 1 − 0.2) always.
+    # clip_high = 0.1: row 0 binds high, though 1.15 < 1 + clip_low: counted high only;
+    # clip_high = 0.3: row 0 is free, and row 3, though above 1 − clip_high, is low only
+    lr = [[math.log(1.15)], [0.0], [0.0], [math.log(0.75)]]
+    x = make(lr=lr, mask=[[1]] * 4, rewards=[1.0, 0.0, 1.0, 0.0], group_size=2, **NO_REF)
+    _, stats = LOSSES["grpo"](x, clip_low=0.2, clip_high=0.1)
+    assert (stats["train/clip_frac_low"], stats["train/clip_frac_high"]) == (0.25, 0.25)
+    _, stats = LOSSES["grpo"](x, clip_low=0.2, clip_high=0.3)
+    assert (stats["train/clip_frac_low"], stats["train/clip_frac_high"]) == (0.25, 0.0)
+
+
+def test_clip_fraction_of_a_batch_with_one_completion_token():
+    # every other completion truncated and masked out: the one token left binds, so 1.0
+    x = make(lr=[[0.5], [0.0]], mask=[[1], [0]], rewards=[1.0, 0.0], group_size=2, **NO_REF)
+    assert LOSSES["grpo"](x)[1]["train/clip_frac_high"] == 1.0
+
+
+def test_dapo_passes_its_kl_penalty_on():
+    kl = run("dapo", make(), beta=0.5)
+    plain = run("dapo", make())
+    torch.testing.assert_close(kl[0] - plain[0], t(0.5 * kl[2]["train/kl_ref"]))
+
+
+def test_dpo_default_beta_is_the_designs():
+    x = make()
+    torch.testing.assert_close(LOSSES["dpo"](x)[0], LOSSES["dpo"](x, beta=0.1)[0])
+
+
+def test_reference_errors_read_whole():
+    with pytest.raises(
+        ValueError, match=r"^dpo needs ref_logps \(the frozen initial policy\), got None$"
+    ):
+        LOSSES["dpo"](make(ref_shift=None))
+    with pytest.raises(
+        ValueError,
+        match=r"^opo_code needs alpha < 1: its direction term is scaled by 1/\(1 - alpha\)$",
+    ):
+        LOSSES["opo_code"](make(), alpha=1.0, mu=1.0)
+
+
+def test_opo_positivity_holds_at_mu_equal_to_the_largest_drive():
+    x = make(lr=[[0.0]] * 2, mask=[[1]] * 2, rewards=[1.0, 0.0], group_size=2, **NO_REF)
+    g_max = LOSSES["opo"](x, alpha=0.0, mu=1.0)[1]["opo/g_abs_max"]
+    assert LOSSES["opo"](x, alpha=0.0, mu=g_max)[1]["opo/positivity_ok"] == 1.0
+
+
+def test_opo_code_defaults_are_the_authors_code():
+    # the `.get(key, default)` of each option in verlm core_algos.py @ 20c210d0 (issue 12)
+    defaults = {
+        "tau": 0.5, "beta_reward": 0.3, "scale_rewards": True, "use_length_normalization": True,
+        "clip_log_ratio": 5.0, "clip_anchored_score": 10.0, "use_adaptive_tau": False,
+        "adaptive_tau_alpha": 0.2, "adaptive_tau_beta": 0.5, "adaptive_tau_min": 0.2,
+        "adaptive_tau_max": 1.5, "vocab_size": 32000, "logit_reg_coef": 0.0,
+        "grad_clip_value": 0.0,
+    }  # fmt: skip
+    params = inspect.signature(LOSSES["opo_code"]).parameters
+    assert {k: params[k].default for k in defaults} == defaults
+
+
+def test_opo_code_small_clips_bind_on_both_sides():
+    # clips below 1 are clips too; a large negative log-ratio is clipped like a positive one
+    x = code_inputs([-8.0, 0.3], [1.0, 0.0], 2)
+    kw = {"alpha": 0.5, "mu": 1.0, "tau": 0.5, "use_adaptive_tau": False}
+    _, stats = LOSSES["opo_code"](x, clip_log_ratio=5.0, clip_anchored_score=0.0, **kw)
+    assert stats["opo/v_sq_mean"] == pytest.approx((25.0 + 0.09) / 2)
+    _, stats = LOSSES["opo_code"](x, clip_log_ratio=0.2, clip_anchored_score=0.0, **kw)
+    assert stats["opo/v_sq_mean"] == pytest.approx((0.04 + 0.04) / 2)
+    # scores Δ/τ = (−10, 0.6) clipped at 0.5: p = softmax(−0.5, 0.5)
+    _, stats = LOSSES["opo_code"](x, clip_log_ratio=5.0, clip_anchored_score=0.5, **kw)
+    p = 1 / (1 + math.exp(1.0))
+    ent = -(p * math.log(p) + (1 - p) * math.log(1 - p)) / math.log(2)
+    assert stats["opo/p_entropy_norm"] == pytest.approx(ent)
+
+
+def test_opo_code_without_the_score_clip_a_vanishing_policy_term_stays_finite():
+    # Δ/τ = ±40: p of the lower row is e^-80, far below the 1e-10 added before the power
+    x = code_inputs([4.0, -4.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0], 2)
+    kw = {"alpha": 0.5, "mu": 1.0, "tau": 0.1, "use_adaptive_tau": False}
+    loss, grad, _ = run("opo_code", x, clip_log_ratio=0.0, clip_anchored_score=0.0, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_opo_code_reward_signal_of_a_narrow_reward_spread():
+    # one group of three, unscaled rewards (0.5, 0, 0): A = (1/3, −1/6, −1/6), spread 1/2;
+    # (A − min)/spread = (1, 0, 0), so reward_signal = 2·(1/3) − 1 = −1/3
+    x = code_inputs([0.0, 0.0, 0.0], [0.5, 0.0, 0.0], 3)
+    kw = {"alpha": 0.5, "mu": 1.0, "use_adaptive_tau": True, "scale_rewards": False}
+    assert LOSSES["opo_code"](x, **kw)[1]["opo/reward_signal"] == pytest.approx(-1 / 3)
