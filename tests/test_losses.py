@@ -5,7 +5,6 @@ Expected numbers are computed here from the formulas in DESIGN.md §1-2 with pla
     pytest tests/test_losses.py -q
 """
 
-import inspect
 import math
 
 import pytest
@@ -942,17 +941,27 @@ def test_opo_positivity_holds_at_mu_equal_to_the_largest_drive():
     assert LOSSES["opo"](x, alpha=0.0, mu=g_max)[1]["opo/positivity_ok"] == 1.0
 
 
-def test_opo_code_defaults_are_the_authors_code():
-    # the `.get(key, default)` of each option in verlm core_algos.py @ 20c210d0 (issue 12)
-    defaults = {
-        "tau": 0.5, "beta_reward": 0.3, "scale_rewards": True, "use_length_normalization": True,
-        "clip_log_ratio": 5.0, "clip_anchored_score": 10.0, "use_adaptive_tau": False,
-        "adaptive_tau_alpha": 0.2, "adaptive_tau_beta": 0.5, "adaptive_tau_min": 0.2,
-        "adaptive_tau_max": 1.5, "vocab_size": 32000, "logit_reg_coef": 0.0,
-        "grad_clip_value": 0.0,
-    }  # fmt: skip
-    params = inspect.signature(LOSSES["opo_code"]).parameters
-    assert {k: params[k].default for k in defaults} == defaults
+AUTHOR_DEFAULTS = {  # the `.get(key, default)` of each option in verlm core_algos.py @ 20c210d0
+    "tau": 0.5, "beta_reward": 0.3, "scale_rewards": True, "use_length_normalization": True,
+    "clip_log_ratio": 5.0, "clip_anchored_score": 10.0, "use_adaptive_tau": False,
+    "adaptive_tau_alpha": 0.2, "adaptive_tau_beta": 0.5, "adaptive_tau_min": 0.2,
+    "adaptive_tau_max": 1.5, "vocab_size": 32000, "logit_reg_coef": 0.0,
+    "grad_clip_value": 0.0,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "adaptive", [{}, {"use_adaptive_tau": True}, {"use_adaptive_tau": True, "tau": 1.45}]
+)
+def test_opo_code_defaults_are_the_authors_code(adaptive):
+    # inputs where every default shows: Δ = 5.5 passes the log-ratio clip of 5 and Δ/τ = 11
+    # the score clip of 10; τ = 1.45 drives the adaptive τ to its upper bound
+    x = code_inputs([5.5, -0.3, 0.2, 0.0], [1.0, 0.0, 0.0, 0.5], 2, old=[[-2.0]] * 4)
+    explicit = AUTHOR_DEFAULTS | adaptive
+    loss, stats = LOSSES["opo_code"](x, alpha=0.3, mu=1.0, **adaptive)
+    loss_e, stats_e = LOSSES["opo_code"](x, alpha=0.3, mu=1.0, **explicit)
+    torch.testing.assert_close(loss, loss_e, rtol=1e-14, atol=0)
+    assert stats == stats_e
 
 
 def test_opo_code_small_clips_bind_on_both_sides():
