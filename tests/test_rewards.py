@@ -128,3 +128,42 @@ def test_extract_boxed_edges():
     assert extract_boxed(r"\boxed{1} \boxed{2") is None  # the last box is unterminated
     assert extract_boxed(r"\boxedx{1}") is None
     assert extract_boxed("no box") is None
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "right"),
+    [
+        ("16:30", "4:30 p.m.", True),
+        ("4:30", "4:30 p.m.", True),  # a bare time: the question often says which half of the day
+        ("16:30", "4:30 a.m.", False),
+        ("0:15", "12:15 a.m.", True),  # 12 a.m. is midnight
+        ("12:15", "12:15 p.m.", True),  # and 12 p.m. noon
+        ("12:30", "12:30 a.m.", True),
+        ("9:00", "9 a.m.", True),
+        ("4:00 p.m.", "4 p.m.", True),
+        ("23:59", "11:59 p.m.", True),
+        ("23:00", "11 p.m.", True),
+        ("13:30", "1:30 p.m.", True),
+        ("13:30", "4:30 p.m.", False),
+        ("4:31 p.m.", "4:30 p.m.", False),
+        ("24:30", "4:30 p.m.", False),  # no 24th hour
+        ("16:60", "4:30 p.m.", False),  # nor a 60th minute
+        (r"\text{4:30 p.m.}", "16:30", True),
+    ],
+)
+def test_times_of_day(response, gold, right):
+    assert grade_math(boxed(response), f"\\boxed{{{gold}}}") is right
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "right"),
+    [
+        ("25", "25_6", True),  # the base left unwritten
+        ("25_{6}", "25_6", True),
+        ("ab_{16}", "AB_{16}", True),  # digits above 9 in either case
+        ("25_7", "25_6", False),
+        ("26", "25_6", False),
+    ],
+)
+def test_numerals_in_a_base(response, gold, right):
+    assert grade_math(boxed(response), f"\\boxed{{{gold}}}") is right
