@@ -1,5 +1,5 @@
 # Everyday commands; see README.md.
-.PHONY: install install-vllm test test-vllm test-all lint smoke bench
+.PHONY: install install-vllm test test-vllm test-all lint smoke bench mutate
 
 install:  ## CPU torch first (an unpinned torch pulls a CUDA build), then the project
 	python3 -m pip install "torch==2.13.0"
@@ -29,3 +29,6 @@ smoke:  ## two steps of every method on the tiny model
 
 bench:  ## does the default run learn within 3 minutes?
 	python3 scripts/bench_default.py
+
+mutate:  ## mutation testing of the core modules, one at a time (slow: not CI; docs/testing.md)
+	python3 scripts/mutate.py $(MODULES)

@@ -632,3 +632,364 @@ def test_registry_names_and_miss():
     assert get_loss("grpo") is LOSSES["grpo"]
     with pytest.raises(KeyError, match="dapo, dpo, grpo, gspo, opo, opo_code"):
         get_loss("ppo")
+
+
+# ---------------------------------------------------------------- what users hit (issue 20)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_a_truncated_row_masked_out_is_finite_and_gets_no_gradient(name, kwargs):
+    # `rollout.mask_truncated` zeroes the whole mask row of a completion that ran into
+    # max_new_tokens: the loss must stay finite and that row must get no gradient
+    x = random_inputs(4)
+    x.mask[1] = 0.0
+    loss, grad, stats = run(name, x, **kwargs)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert all(math.isfinite(value) for value in stats.values()), stats
+    assert torch.equal(grad[1], torch.zeros(4, dtype=F64))
+    assert grad.abs().sum() > 0
+
+
+def test_opo_counts_a_masked_out_row_as_delta_zero():
+    # row 1 has no completion token: Δ_1 = 0, so v_1 = 0 adds nothing to the sum but still
+    # counts in the mean over N = 6
+    alpha, mu, N = 0.4, 1.5, 6
+    mask = [row[:] for row in MASK]
+    mask[1] = [0, 0, 0]
+    g = hand_escort_drive(REWARDS, 3, alpha)
+    delta = [0.0 if i == 1 else d for i, d in enumerate(hand_delta(LR, MASK))]
+    exp_loss = sum(-gi * vi + 0.5 * mu * vi**2 for gi, vi in zip(g, delta, strict=True)) / N
+    loss, grad, stats = run("opo", make(mask=mask), alpha=alpha, mu=mu)
+    torch.testing.assert_close(loss, t(exp_loss))
+    assert torch.equal(grad[1], torch.zeros(3, dtype=F64))
+    assert stats["opo/v_sq_mean"] == pytest.approx(sum(d * d for d in delta) / N)
+
+
+def test_grpo_row_with_no_token_adds_zero_but_counts_in_the_sequence_mean():
+    # agg=seq_mean_token_mean: an empty row's token mean is 0 and it is one of the N rows;
+    # with token_mean it is simply absent (DAPO's form)
+    mask = [row[:] for row in MASK]
+    mask[3] = [0, 0, 0]
+    adv = hand_group_norm(REWARDS, 3)
+    kept = [i for i in range(6) if i != 3]
+    part_loss, _, _, _, _ = hand_clipped_token(
+        [LR[i] for i in kept], [mask[i] for i in kept], [adv[i] for i in kept],
+        lo=0.2, hi=0.2, agg="seq_mean_token_mean",
+    )  # fmt: skip
+    loss, _, _ = run("grpo", make(mask=mask, ref_shift=None))
+    torch.testing.assert_close(loss, t(part_loss * 5 / 6))
+    tok_loss, _, _, _, _ = hand_clipped_token(
+        [LR[i] for i in kept], [mask[i] for i in kept], [adv[i] for i in kept],
+        lo=0.2, hi=0.2, agg="token_mean",
+    )  # fmt: skip
+    loss, _, _ = run("grpo", make(mask=mask, ref_shift=None), agg="token_mean")
+    torch.testing.assert_close(loss, t(tok_loss))
+
+
+def test_a_batch_with_no_completion_token_at_all_is_a_finite_zero():
+    # every completion truncated and masked out: nothing to learn from, and no NaN
+    zeros = [[0, 0, 0]] * 6
+    for name, kwargs in CASES:
+        loss, grad, stats = run(name, make(mask=zeros), **kwargs)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), name
+        assert torch.equal(grad, torch.zeros(6, 3, dtype=F64)), name
+        assert all(math.isfinite(value) for value in stats.values()), (name, stats)
+        if name in ("grpo", "dapo", "gspo"):
+            assert stats["train/clip_frac_low"] == stats["train/clip_frac_high"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "gspo"])
+@pytest.mark.parametrize(
+    ("clip", "match"),
+    [
+        ({"clip_low": 1.0}, r"clip_low must be in \[0, 1\), got 1.0"),
+        ({"clip_low": 1.5}, r"clip_low must be in \[0, 1\), got 1.5"),
+        ({"clip_low": -0.1}, r"clip_low must be in \[0, 1\), got -0.1"),
+        ({"clip_high": -0.01}, "clip_high must be >= 0, got -0.01"),
+    ],
+)
+def test_bad_clip_settings_are_clear_errors(name, clip, match):
+    # clip_low = 1 would clamp every ratio at 0 and cut every gradient; a negative clip is a typo
+    with pytest.raises(ValueError, match=match):
+        LOSSES[name](make(), **clip)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "gspo"])
+def test_zero_clips_are_allowed_and_clip_every_move(name):
+    # clip_low = 0 is how the OPO paper ran DAPO; with both 0 the clip binds on every token
+    # (or sequence) whose ratio moved the way its advantage pushes
+    _, grad, stats = run(name, make(ref_shift=None), clip_low=0.0, clip_high=0.0)
+    assert torch.isfinite(grad).all()
+    assert stats["train/clip_frac_low"] > 0 and stats["train/clip_frac_high"] > 0
+
+
+def test_grpo_negative_beta_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"beta must be >= 0, got -0\.1"):
+        LOSSES["grpo"](make(), beta=-0.1)
+
+
+def test_dpo_stats_without_any_pair_are_zero():
+    # every group uniform (all right or all wrong): no pair, and the stats say so, not NaN
+    _, stats = LOSSES["dpo"](make(rewards=[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]))
+    assert stats["dpo/pairs"] == 0.0
+    assert stats["dpo/reward_margin"] == 0.0
+    assert stats["dpo/pref_acc"] == 0.0
+    assert stats["dpo/margin_mean"] == 0.0
+
+
+def test_dpo_reward_margin_is_the_mean_reward_gap_of_the_pairs():
+    # groups (1, 0, 0) and (0.5, 0.75, 0.25): pairs (0, 1) and (4, 5), reward gaps 1 and 0.5
+    _, stats = LOSSES["dpo"](make(rewards=[1.0, 0.0, 0.0, 0.5, 0.75, 0.25]))
+    assert stats["dpo/reward_margin"] == pytest.approx(0.75)
+
+
+# ---------------------------------------------------------------- opo_code: stats and options
+
+
+def code_inputs(delta, rewards, group_size, *, old=None, mask=None):
+    """One token per row (unless `mask` says otherwise): logps = old + Δ."""
+    n = len(delta)
+    old = [[0.0]] * n if old is None else old
+    lr = [[d] * len(old[0]) for d in delta]
+    mask = [[1] * len(old[0])] * n if mask is None else mask
+    return make(lr=lr, mask=mask, rewards=rewards, group_size=group_size, old=old, ref_shift=None)
+
+
+FIXED = {"use_adaptive_tau": False, "clip_log_ratio": 0.0, "clip_anchored_score": 0.0}
+
+
+def test_opo_code_policy_entropy_for_a_group_of_four():
+    # p = softmax(Δ/τ) within the group; H(p)/log 4 by hand, and v_sq_mean = mean Δ²
+    tau, delta = 0.5, [0.2, -0.1, 0.0, 0.3]
+    e = [math.exp(d / tau) for d in delta]
+    p = [ei / sum(e) for ei in e]
+    entropy = -sum(pi * math.log(pi) for pi in p) / math.log(4)
+    x = code_inputs(delta, [1.0, 0.0, 0.0, 1.0], 4)
+    _, stats = LOSSES["opo_code"](x, alpha=0.5, mu=1.0, tau=tau, **FIXED)
+    assert stats["opo/p_entropy_norm"] == pytest.approx(entropy)
+    assert 0.0 < entropy < 1.0
+    assert stats["opo/v_sq_mean"] == pytest.approx(sum(d * d for d in delta) / 4)
+    assert stats["opo/tau"] == tau
+
+
+def test_opo_code_value_by_hand_for_a_group_of_four():
+    # a = 1 − α; A unscaled; q = softmax(A/β), p = softmax(Δ/τ), w ∝ q^a p^(1−a);
+    # L = −(1/a)·Σ w·ℓ + (μ/2)·mean Δ² with ℓ = logp = Δ (old = 0, one token)
+    alpha, mu, beta, tau = 0.3, 0.8, 0.4, 0.6
+    delta, rewards = [0.2, -0.1, 0.05, 0.3], [1.0, 0.0, 0.5, 0.0]
+    a = 1 - alpha
+    adv = [r - sum(rewards) / 4 for r in rewards]
+    eq = [math.exp(ai / beta) for ai in adv]
+    ep = [math.exp(d / tau) for d in delta]
+    q, p = [v / sum(eq) for v in eq], [v / sum(ep) for v in ep]
+    w = [qi**a * pi ** (1 - a) for qi, pi in zip(q, p, strict=True)]
+    w = [wi / sum(w) for wi in w]
+    expected = -sum(wi * d for wi, d in zip(w, delta, strict=True)) / a
+    expected += 0.5 * mu * sum(d * d for d in delta) / 4
+    kw = {"beta_reward": beta, "tau": tau, "scale_rewards": False, **FIXED}
+    loss, stats = LOSSES["opo_code"](code_inputs(delta, rewards, 4), alpha=alpha, mu=mu, **kw)
+    torch.testing.assert_close(loss, t(expected), atol=1e-9, rtol=0)
+    assert stats["opo/logit_reg"] == 0.0
+
+
+def test_opo_code_logit_term_and_loss_scaling_by_hand():
+    # one group of two, fixed τ: the logit term is coef·(logsumexp(Δ/τ))², added to the loss;
+    # grad_clip_value rescales the rest of the loss so that its size is at most that value
+    delta, tau, coef = [0.3, -0.2], 0.5, 0.05
+    x = code_inputs(delta, [1.0, 0.0], 2)
+    base, _ = LOSSES["opo_code"](x, alpha=0.5, mu=1.0, tau=tau, **FIXED)
+    lse = math.log(sum(math.exp(d / tau) for d in delta))
+    loss, stats = LOSSES["opo_code"](x, alpha=0.5, mu=1.0, tau=tau, logit_reg_coef=coef, **FIXED)
+    assert stats["opo/logit_reg"] == pytest.approx(coef * lse**2)
+    torch.testing.assert_close(loss, base + coef * lse**2)
+    cap = abs(base.item()) / 4
+    clipped, _ = LOSSES["opo_code"](x, alpha=0.5, mu=1.0, tau=tau, grad_clip_value=cap, **FIXED)
+    torch.testing.assert_close(clipped.abs(), t(cap))
+    loose, _ = LOSSES["opo_code"](x, alpha=0.5, mu=1.0, tau=tau, grad_clip_value=1e3, **FIXED)
+    torch.testing.assert_close(loose, base)
+
+
+def test_opo_code_clips_bind_where_the_log_ratio_is_large():
+    # clip_log_ratio caps |Δ| (in the μ term and the score); clip_anchored_score caps |Δ/τ|
+    delta, tau = [8.0, -0.5], 0.5
+    x = code_inputs(delta, [1.0, 0.0], 2)
+    kw = {"alpha": 0.5, "mu": 1.0, "tau": tau, "use_adaptive_tau": False}
+    _, stats = LOSSES["opo_code"](x, clip_log_ratio=5.0, clip_anchored_score=0.0, **kw)
+    assert stats["opo/v_sq_mean"] == pytest.approx((25.0 + 0.25) / 2)
+    # scores: min(8, 5)/0.5 = 10, −1 → p = softmax(10, −1); with the score clip at 4: (4, −1)
+    for cap, hi in ((0.0, 10.0), (4.0, 4.0)):
+        _, stats = LOSSES["opo_code"](x, clip_log_ratio=5.0, clip_anchored_score=cap, **kw)
+        p = 1 / (1 + math.exp(-1.0 - hi))
+        ent = -(p * math.log(p) + (1 - p) * math.log(1 - p)) / math.log(2)
+        assert stats["opo/p_entropy_norm"] == pytest.approx(ent)
+    _, stats = LOSSES["opo_code"](x, clip_log_ratio=0.0, clip_anchored_score=0.0, **kw)
+    assert stats["opo/v_sq_mean"] == pytest.approx((64.0 + 0.25) / 2)
+
+
+def test_opo_code_summed_log_probs_without_length_normalisation():
+    # two tokens per row, each with log-ratio d: ℓ − ℓ_old is d per token mean, 2d summed
+    x = code_inputs([0.1, -0.2], [1.0, 0.0], 2, old=[[-1.0, -1.0]] * 2)
+    kw = {"alpha": 0.5, "mu": 1.0, **FIXED}
+    _, mean_stats = LOSSES["opo_code"](x, **kw)
+    _, sum_stats = LOSSES["opo_code"](x, use_length_normalization=False, **kw)
+    assert mean_stats["opo/v_sq_mean"] == pytest.approx((0.01 + 0.04) / 2)
+    assert sum_stats["opo/v_sq_mean"] == pytest.approx((0.04 + 0.16) / 2)
+
+
+def test_opo_code_adaptive_tau_is_clamped_to_its_bounds():
+    # the setup of test_opo_code_adaptive_tau_closed_form gives τ = 1.1·tau before the clamp
+    V = 1000
+    x = code_inputs([0.0, 0.0], [1.0, 0.0], 2, old=[[-math.log(V)], [0.0]])
+    kw = {"alpha": 0.5, "mu": 1.0, "use_adaptive_tau": True, "vocab_size": V, "tau": 0.5}
+    assert LOSSES["opo_code"](x, adaptive_tau_max=0.52, **kw)[1]["opo/tau"] == pytest.approx(0.52)
+    assert LOSSES["opo_code"](x, adaptive_tau_min=0.6, **kw)[1]["opo/tau"] == pytest.approx(0.6)
+
+
+def test_opo_code_adaptive_tau_on_a_batch_whose_rewards_are_all_equal():
+    # the first step on a task the model cannot do yet: every reward 0, every Δ 0. The spread
+    # of A is 0, so reward_signal = 2·0 − 1 = −1 (the floor on the spread keeps it finite) and
+    # τ = tau·(1 + α_h·h + β_c·c) with h = 1/2, c = 1/2 here
+    V = 1000
+    x = code_inputs([0.0, 0.0, 0.0, 0.0], [0.0] * 4, 2, old=[[-math.log(V)], [0.0]] * 2)
+    kw = {"alpha": 0.5, "mu": 1.0, "use_adaptive_tau": True, "vocab_size": V, "tau": 0.5}
+    loss, grad, stats = run("opo_code", x, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert stats["opo/reward_signal"] == pytest.approx(-1.0)
+    assert stats["opo/tau"] == pytest.approx(0.5 * (1 + 0.2 * 0.5 + 0.5 * 0.5))
+    assert stats["opo/p_entropy_norm"] == pytest.approx(1.0)
+    assert stats["train/frac_uniform_groups"] == 1.0
+
+
+def test_opo_code_group_of_one_is_finite():
+    # G = 1 (one sample per prompt): A = 0, the weight is 1, the entropy of p is called 1
+    x = code_inputs([0.2, -0.3], [1.0, 0.0], 1)
+    for scale in (True, False):
+        loss, grad, stats = run("opo_code", x, alpha=0.5, mu=1.0, scale_rewards=scale)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert stats["opo/p_entropy_norm"] == 1.0
+        x.logps.grad = None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"beta_reward": 0.0}, "tau and beta_reward must be > 0"),
+        ({"tau": -0.5}, "tau and beta_reward must be > 0"),
+        ({"clip_log_ratio": -1.0}, "clip_log_ratio must be >= 0, got -1.0"),
+        ({"clip_anchored_score": -1.0}, "clip_anchored_score must be >= 0"),
+        ({"grad_clip_value": -0.5}, "grad_clip_value must be >= 0"),
+    ],
+)
+def test_opo_code_more_bad_settings_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LOSSES["opo_code"](make(), alpha=0.5, mu=1.0, **kwargs)
+
+
+def test_opo_code_smallest_vocabulary_is_two():
+    _, stats = LOSSES["opo_code"](make(), alpha=0.5, mu=1.0, vocab_size=2, use_adaptive_tau=True)
+    assert math.isfinite(stats["opo/tau"])
+
+
+# ---------------------------------------------------------------- mutation-testing survivors
+
+
+def test_clip_fractions_count_each_binding_token_once_on_its_side():
+    # asymmetric clips, one token per row, groups (1, 0) twice: A = (a, −a, a, −a). Row 0
+    # (A > 0) has ratio 1.15, row 3 (A < 0) ratio 0.75, which binds low (< 1 − 0.2) always.
+    # clip_high = 0.1: row 0 binds high, though 1.15 < 1 + clip_low: counted high only;
+    # clip_high = 0.3: row 0 is free, and row 3, though above 1 − clip_high, is low only
+    lr = [[math.log(1.15)], [0.0], [0.0], [math.log(0.75)]]
+    x = make(lr=lr, mask=[[1]] * 4, rewards=[1.0, 0.0, 1.0, 0.0], group_size=2, **NO_REF)
+    _, stats = LOSSES["grpo"](x, clip_low=0.2, clip_high=0.1)
+    assert (stats["train/clip_frac_low"], stats["train/clip_frac_high"]) == (0.25, 0.25)
+    _, stats = LOSSES["grpo"](x, clip_low=0.2, clip_high=0.3)
+    assert (stats["train/clip_frac_low"], stats["train/clip_frac_high"]) == (0.25, 0.0)
+
+
+def test_clip_fraction_of_a_batch_with_one_completion_token():
+    # every other completion truncated and masked out: the one token left binds, so 1.0
+    x = make(lr=[[0.5], [0.0]], mask=[[1], [0]], rewards=[1.0, 0.0], group_size=2, **NO_REF)
+    assert LOSSES["grpo"](x)[1]["train/clip_frac_high"] == 1.0
+
+
+def test_dapo_passes_its_kl_penalty_on():
+    kl = run("dapo", make(), beta=0.5)
+    plain = run("dapo", make())
+    torch.testing.assert_close(kl[0] - plain[0], t(0.5 * kl[2]["train/kl_ref"]))
+
+
+def test_dpo_default_beta_is_the_designs():
+    x = make()
+    torch.testing.assert_close(LOSSES["dpo"](x)[0], LOSSES["dpo"](x, beta=0.1)[0])
+
+
+def test_reference_errors_read_whole():
+    with pytest.raises(
+        ValueError, match=r"^dpo needs ref_logps \(the frozen initial policy\), got None$"
+    ):
+        LOSSES["dpo"](make(ref_shift=None))
+    with pytest.raises(
+        ValueError,
+        match=r"^opo_code needs alpha < 1: its direction term is scaled by 1/\(1 - alpha\)$",
+    ):
+        LOSSES["opo_code"](make(), alpha=1.0, mu=1.0)
+
+
+def test_opo_positivity_holds_at_mu_equal_to_the_largest_drive():
+    x = make(lr=[[0.0]] * 2, mask=[[1]] * 2, rewards=[1.0, 0.0], group_size=2, **NO_REF)
+    g_max = LOSSES["opo"](x, alpha=0.0, mu=1.0)[1]["opo/g_abs_max"]
+    assert LOSSES["opo"](x, alpha=0.0, mu=g_max)[1]["opo/positivity_ok"] == 1.0
+
+
+AUTHOR_DEFAULTS = {  # the `.get(key, default)` of each option in verlm core_algos.py @ 20c210d0
+    "tau": 0.5, "beta_reward": 0.3, "scale_rewards": True, "use_length_normalization": True,
+    "clip_log_ratio": 5.0, "clip_anchored_score": 10.0, "use_adaptive_tau": False,
+    "adaptive_tau_alpha": 0.2, "adaptive_tau_beta": 0.5, "adaptive_tau_min": 0.2,
+    "adaptive_tau_max": 1.5, "vocab_size": 32000, "logit_reg_coef": 0.0,
+    "grad_clip_value": 0.0,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "adaptive", [{}, {"use_adaptive_tau": True}, {"use_adaptive_tau": True, "tau": 1.45}]
+)
+def test_opo_code_defaults_are_the_authors_code(adaptive):
+    # inputs where every default shows: Δ = 5.5 passes the log-ratio clip of 5 and Δ/τ = 11
+    # the score clip of 10; τ = 1.45 drives the adaptive τ to its upper bound
+    x = code_inputs([5.5, -0.3, 0.2, 0.0], [1.0, 0.0, 0.0, 0.5], 2, old=[[-2.0]] * 4)
+    explicit = AUTHOR_DEFAULTS | adaptive
+    loss, stats = LOSSES["opo_code"](x, alpha=0.3, mu=1.0, **adaptive)
+    loss_e, stats_e = LOSSES["opo_code"](x, alpha=0.3, mu=1.0, **explicit)
+    torch.testing.assert_close(loss, loss_e, rtol=1e-14, atol=0)
+    assert stats == stats_e
+
+
+def test_opo_code_small_clips_bind_on_both_sides():
+    # clips below 1 are clips too; a large negative log-ratio is clipped like a positive one
+    x = code_inputs([-8.0, 0.3], [1.0, 0.0], 2)
+    kw = {"alpha": 0.5, "mu": 1.0, "tau": 0.5, "use_adaptive_tau": False}
+    _, stats = LOSSES["opo_code"](x, clip_log_ratio=5.0, clip_anchored_score=0.0, **kw)
+    assert stats["opo/v_sq_mean"] == pytest.approx((25.0 + 0.09) / 2)
+    _, stats = LOSSES["opo_code"](x, clip_log_ratio=0.2, clip_anchored_score=0.0, **kw)
+    assert stats["opo/v_sq_mean"] == pytest.approx((0.04 + 0.04) / 2)
+    # scores Δ/τ = (−10, 0.6) clipped at 0.5: p = softmax(−0.5, 0.5)
+    _, stats = LOSSES["opo_code"](x, clip_log_ratio=5.0, clip_anchored_score=0.5, **kw)
+    p = 1 / (1 + math.exp(1.0))
+    ent = -(p * math.log(p) + (1 - p) * math.log(1 - p)) / math.log(2)
+    assert stats["opo/p_entropy_norm"] == pytest.approx(ent)
+
+
+def test_opo_code_without_the_score_clip_a_vanishing_policy_term_stays_finite():
+    # Δ/τ = ±40: p of the lower row is e^-80, far below the 1e-10 added before the power
+    x = code_inputs([4.0, -4.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0], 2)
+    kw = {"alpha": 0.5, "mu": 1.0, "tau": 0.1, "use_adaptive_tau": False}
+    loss, grad, _ = run("opo_code", x, clip_log_ratio=0.0, clip_anchored_score=0.0, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_opo_code_reward_signal_of_a_narrow_reward_spread():
+    # one group of three, unscaled rewards (0.5, 0, 0): A = (1/3, −1/6, −1/6), spread 1/2;
+    # (A − min)/spread = (1, 0, 0), so reward_signal = 2·(1/3) − 1 = −1/3
+    x = code_inputs([0.0, 0.0, 0.0], [0.5, 0.0, 0.0], 3)
+    kw = {"alpha": 0.5, "mu": 1.0, "use_adaptive_tau": True, "scale_rewards": False}
+    assert LOSSES["opo_code"](x, **kw)[1]["opo/reward_signal"] == pytest.approx(-1 / 3)

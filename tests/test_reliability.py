@@ -99,6 +99,11 @@ BAD_INPUTS = [  # (id, command line, what the one error line must name)
     ("command", ["frobnicate"], "frobnicate"),
     ("eval-checkpoint-not-a-run", ["eval", "checkpoint={empty}"], "checkpoint={empty}"),
     ("eval-limit", ["eval", "checkpoint={empty}", "eval.limit=0"], "eval.limit"),
+    (
+        "eval-data-file",
+        ["eval", "checkpoint={empty}", "dataset=math_l3", "dataset.path=/nonexistent.jsonl"],
+        "dataset.path",
+    ),
 ]
 
 
