@@ -171,7 +171,7 @@ def scripted(monkeypatch):
     prompt's length as the token count and truncation on odd lengths; records each call."""
     calls = []
 
-    def fake(model, tok, prompts, *, n, max_new_tokens, temperature, top_p):
+    def fake(model, tok, prompts, *, n, max_new_tokens, temperature, top_p, backend=None):
         assert not model.training  # generation runs in eval mode
         calls.append((list(prompts), n, max_new_tokens, tok))
         texts, lengths, truncated = [], [], []
@@ -404,13 +404,14 @@ class PlainTokenizer:
 def test_prompts_go_through_the_dataset_template_and_sampling_settings(monkeypatch):
     calls = []
 
-    def fake(model, tok, prompts, *, n, max_new_tokens, temperature, top_p):
+    def fake(model, tok, prompts, *, n, max_new_tokens, temperature, top_p, backend=None):
         calls.append((tok, prompts, temperature, top_p))
         return ["5"] * (len(prompts) * n), [1] * (len(prompts) * n), [False] * (len(prompts) * n)
 
     monkeypatch.setattr(E, "generate_completions", fake)
     cfg = arith_cfg("eval.n=2", "eval.temperature=0.7", "eval.top_p=0.8")
-    dataset = OmegaConf.create({"template": "Q: {problem}", "reward": "exact_match"})
+    dataset = OmegaConf.to_container(cfg.dataset) | {"template": "Q: {problem}"}
+    dataset = OmegaConf.create(dataset)  # arith's config with a template of its own
     tok = PlainTokenizer()
     out = E.evaluate_problems(
         ScriptedModel(), tok, [Problem("2+3=", "5")], dataset, validate_eval(cfg)

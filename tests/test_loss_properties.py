@@ -121,8 +121,11 @@ def test_what_padding_holds_changes_nothing(case, b, garbage):
 @PROPERTY
 @given(b=batches(), seed=st.integers(0, 2**16))
 def test_permuting_rows_within_groups_permutes_the_gradient(case, b, seed):
-    # rewards made distinct, so that dpo's first argmax / argmin is one row, wherever it goes
-    b = b | {"rewards": [r + 1e-3 * i for i, r in enumerate(b["rewards"])]}
+    # rewards made distinct, so that dpo's first argmax / argmin is one row, wherever it goes,
+    # and unevenly, so that no row sits on its group's mean: an advantage of 0 computed as
+    # +-1e-17 in one row order and the other flips whether the clip "binds" (a stat, not the
+    # gradient, which is ~0 either way)
+    b = b | {"rewards": [r + 1.4142e-3 * i * i for i, r in enumerate(b["rewards"])]}
     x = inputs(b)
     G, N = b["G"], len(b["rewards"])
     gen = torch.Generator().manual_seed(seed)

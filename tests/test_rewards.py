@@ -26,7 +26,10 @@ def test_exact_match_rewards_the_right_sum_only():
 
 def test_rewards_by_name():
     assert get_reward("exact_match")(["3", "4"], ["3", "3"]) == [1.0, 0.0]
-    with pytest.raises(KeyError, match="unknown reward 'f1'; valid: exact_match, math"):
+    with pytest.raises(
+        KeyError,
+        match="unknown reward 'f1'; valid: exact_match, gsm8k, length_bonus, math, repetition_pen",
+    ):
         get_reward("f1")
     with pytest.raises(ValueError, match="2 responses but 1 gold answers"):
         get_reward("math")(["a", "b"], ["c"])

@@ -182,7 +182,7 @@ def test_a_model_folder_and_a_run_without_final(tmp_path):
         model_candidates(str(model))  # a folder, but neither a run nor a model
     assert str(error.value) == (
         f"checkpoint={model}: not a run folder (no final/ or checkpoints/step_N/) "
-        "nor a model folder (no config.json)"
+        "nor a model folder (no config.json) nor a LoRA adapter (no adapter_config.json)"
     )
     (model / "config.json").write_text("{}")
     assert model_candidates(str(model)) == [str(model)]
