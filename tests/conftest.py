@@ -49,6 +49,17 @@ def compose_train(overrides: list[str], cache_dir: Path, *, tiny: bool = True):
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU they spin: one is faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def model_and_tok():
     """A random-weight tiny Llama and the arith tokenizer, float32 on CPU."""
     tok = train_tokenizer([p.prompt + p.answer for p in arith_problems(19, "+")], 300)

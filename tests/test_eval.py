@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import DictConfig
 
 import opo_cli.config as C
@@ -51,13 +50,7 @@ TINY = [  # a fast tiny run: 2 prompts x 2 completions of 4 tokens, no warm star
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU they spin: one is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def compose_cfg(name: str, *overrides: str) -> DictConfig:

@@ -38,13 +38,7 @@ LORA = [  # rank 4 on every linear layer; a warm start long enough that some ans
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU they spin: one is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def lora_cfg(cache, *overrides: str):
