@@ -23,7 +23,8 @@ from pathlib import Path
 def run(workdir: Path, overrides: list[str]) -> tuple[float, list[dict]]:
     env = {**os.environ, "OPO_CACHE": str(workdir / "cache"), "WANDB_MODE": "offline"}
     start = time.perf_counter()
-    subprocess.run(["opo", "train", *overrides], cwd=workdir, env=env, check=True)
+    command = [sys.executable, "-m", "opo_cli", "train", *overrides]  # no `opo` on PATH needed
+    subprocess.run(command, cwd=workdir, env=env, check=True)
     wall = time.perf_counter() - start
     metrics = next((workdir / "outputs" / "train").glob("*/metrics.jsonl"))
     return wall, [json.loads(line) for line in metrics.read_text().splitlines()]
