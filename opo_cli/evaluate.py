@@ -47,7 +47,7 @@ from opo_cli.data import (
 from opo_cli.errors import UserError
 from opo_cli.models import load_policy, pick_device, pick_dtype
 from opo_cli.rewards import answer_key, build_reward, extract_boxed, grade_math, gsm8k_number
-from opo_cli.rollout import generate_rollout, reward_columns
+from opo_cli.rollout import generate_rollout, probed_reward, reward_columns
 from opo_cli.runs import check_eval
 from opo_cli.tracking import console, start_wandb, warn_damaged
 
@@ -381,8 +381,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     s, candidates = check_eval(cfg)
     every = dataset_problems(cfg.dataset)
     problems = stratified_sample(every, s.limit, cfg.dataset.split_seed)
-    probe = problems[:4]  # a broken reward fails here, before the model loads
-    build_reward(cfg.dataset).probe([p.answer for p in probe], reward_columns(probe, 1))
+    probed_reward(cfg.dataset, problems)  # a broken reward fails before the model loads
     device, trust = pick_device(s.device), bool(cfg.eval.trust_remote_code)
     dtype = pick_dtype(s.dtype, device)
     model_path, model, tok = load_first_readable(candidates, device, dtype, trust)

@@ -22,7 +22,7 @@ from opo_cli.backends import Backend, BackendOptions, open_backend
 from opo_cli.config import RolloutSettings
 from opo_cli.data import Problem, PromptSampler
 from opo_cli.generation import stop_token_ids
-from opo_cli.rewards import Reward, overlong_penalties
+from opo_cli.rewards import Reward, build_reward, overlong_penalties
 from opo_cli.sampling import keeps_sampling_logps
 
 RewardFn = Reward  # (texts, golds, columns) -> Scores: weighted total, parts, extras
@@ -280,6 +280,15 @@ def reward_columns(problems: list[Problem], group_size: int) -> dict[str, list]:
     """The problems' other fields (`meta`) as columns, each value repeated for the group."""
     names = dict.fromkeys(k for p in problems for k in p.meta)
     return {k: [p.meta.get(k) for p in problems for _ in range(group_size)] for k in names}
+
+
+def probed_reward(dataset_cfg, problems: list[Problem]) -> Reward:
+    """The dataset's reward, tried on a few of `problems`' answers: a broken reward fails in
+    one line here, before any model loads."""
+    reward = build_reward(dataset_cfg)
+    probe = problems[:4]
+    reward.probe([p.answer for p in probe], reward_columns(probe, 1))
+    return reward
 
 
 def draw_scored(

@@ -29,8 +29,8 @@ from opo_cli.evaluate import check_held_out, held_out_metrics
 from opo_cli.lora import AdapterOff, add_adapter, save_final
 from opo_cli.losses import ROW_SEPARABLE, LossInputs, get_loss
 from opo_cli.models import load_policy, pick_device, pick_dtype, tiny_model_dir
-from opo_cli.rewards import Reward, RewardError, build_reward
-from opo_cli.rollout import Rollout, reward_columns, sample_batch
+from opo_cli.rewards import Reward, RewardError
+from opo_cli.rollout import Rollout, probed_reward, sample_batch
 from opo_cli.runs import list_checkpoints, set_aside_previous_run
 from opo_cli.sampling import keeps_sampling_logps
 from opo_cli.stopping import BadStepCounter, Diverged, Interrupted, SignalStop
@@ -440,9 +440,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     dtype = pick_dtype(s.trainer.dtype, device)
     problems, held_out = load_problems(cfg.dataset)
     check_held_out(ev, held_out)
-    reward_fn = build_reward(cfg.dataset)
-    probe = problems[:4]  # a broken reward fails here, before any model is loaded
-    reward_fn.probe([p.answer for p in probe], reward_columns(probe, 1))
+    reward_fn = probed_reward(cfg.dataset, problems)
     if note := inert_mu_note(s):
         console.print(note, **PLAIN)
     initial = initial_model_path(cfg, problems)
