@@ -1,0 +1,176 @@
+"""One run on several processes: torchrun's (or SLURM's) environment, the process group, and
+agreement across ranks, on PyTorch's own `torch.distributed`.
+
+torchrun --standalone --nproc_per_node=2 --no-python opo train   # gloo on CPU, NCCL on CUDA
+
+Everything here is a no-op at world size 1, so the single-process path never branches on it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from opo_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands in the run: rank 0 alone writes files and logs."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = Dist()
+
+
+def slurm_to_torchrun_env(env: dict[str, str]) -> dict[str, str]:
+    """The torchrun variables a task started by `srun` (one task per GPU) lacks, from SLURM's.
+
+    Returns only what is missing; empty when the process is not a SLURM task of a multi-task
+    step, or when torchrun already set RANK/WORLD_SIZE.
+    """
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    out = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_PORT": env.get(
+            "MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000)
+        ),
+    }
+    if "MASTER_ADDR" not in env:
+        out["MASTER_ADDR"] = first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (`gpu[01-04],cpu1` -> `gpu01`); scontrol when there."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = nodelist.split(",")[0]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.split("-")[0].split(",")[0].rstrip("]")
+
+
+def from_env(env: dict[str, str] | None = None) -> Dist:
+    """This process's rank and world size from torchrun's variables (or SLURM's)."""
+    env = dict(os.environ if env is None else env)
+    env |= slurm_to_torchrun_env(env)
+    try:
+        return Dist(
+            rank=int(env.get("RANK", "0")),
+            world_size=int(env.get("WORLD_SIZE", "1")),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+        )
+    except ValueError as e:
+        raise UserError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {e}") from None
+
+
+def setup(device_name: str, timeout_s: float) -> tuple[Dist, torch.device | None]:
+    """Join the process group when launched on several processes.
+
+    Returns this rank's `Dist` and, under several processes, its device (`cuda:LOCAL_RANK`
+    with NCCL, `cpu` with gloo); `None` at world size 1, where the caller picks the device.
+    A collective that waits longer than `timeout_s` raises instead of hanging.
+    """
+    os.environ.update(slurm_to_torchrun_env(dict(os.environ)))
+    d = from_env()
+    if not d.enabled:
+        return d, None
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda (NCCL) but this machine has no CUDA device")
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(d.local_rank)
+    device = torch.device(f"cuda:{d.local_rank}" if use_cuda else "cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if use_cuda else None,
+        )
+    return d, device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _device() -> torch.device:
+    """Where a small collective tensor lives: NCCL works on CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, in place (unchanged at world size 1)."""
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_ok(ok: bool) -> bool:
+    """True on every rank when `ok` is true on every rank: the vote before a collective
+    decision (stop, skip, error), so that no rank is left waiting for the others."""
+    if not active():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return int(flag.item()) == 0
+
+
+def any_true(flag: bool) -> bool:
+    return not all_ok(not flag)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s object on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's object, in rank order, on every rank."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
