@@ -6,6 +6,7 @@ Everything a user can type is checked here before any work starts; a bad value r
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,19 @@ class ConfigError(UserError):
     """A config value a user can fix; its message is one line."""
 
 
+_MAX_DIRNAME = 200  # bytes; file systems refuse names over 255 (OSError 36)
+
+
 def _dirname(override_dirname: str) -> str:
     """Run folder name from the overrides (a path's `/` becomes `_`: one folder, not a tree);
-    `default` when there are none."""
-    return override_dirname.replace("/", "_") or "default"
+    `default` when there are none. A name too long for a file system keeps its start and
+    ends in a hash of the whole, so the same command still finds the same folder."""
+    name = override_dirname.replace("/", "_") or "default"
+    if len(name.encode()) <= _MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    head = name.encode()[: _MAX_DIRNAME - len(digest) - 1].decode(errors="ignore")
+    return f"{head}-{digest}"
 
 
 def _sweep_group() -> str | None:

@@ -79,6 +79,19 @@ def test_sweep_key_stays_out_of_run_folder_names():
     assert "sweep" in cfg.hydra.job.config.override_dirname.exclude_keys
 
 
+def test_run_folder_names_fit_a_file_system():
+    # a long override list made a name over 255 bytes: OSError 36 when Hydra made the folder
+    overrides = ",".join(f"method.loss_kwargs.option_{i}={i / 7:.6f}" for i in range(20))
+    name = C._dirname(overrides)
+    assert len(name.encode()) <= 200
+    assert name.startswith("method.loss_kwargs.option_0=0.000000,")
+    assert name == C._dirname(overrides)  # the same command finds the same folder
+    assert name != C._dirname(overrides.replace("option_19", "option_X"))  # the hash sees it all
+    assert C._dirname("alpha=0.3,method=opo") == "alpha=0.3,method=opo"  # short names unchanged
+    assert C._dirname("dataset.path=/data/x.jsonl") == "dataset.path=_data_x.jsonl"
+    assert C._dirname("") == "default"
+
+
 def test_slurm_preset_is_one_gpu_per_run_and_requeues():
     cfg = compose_train("hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu", hydra=True)
     launcher = cfg.hydra.launcher
