@@ -288,3 +288,21 @@ def test_heatmap_cells_show_mean_and_n(grid: Path):
     assert values[0][1] == pytest.approx((0.18 + 0.19) / 2 + 0.03)
     assert values[1][0] == pytest.approx((0.36 + 0.38) / 2 + 0.06)
     assert texts[0][1] == "0.215\nn=2" and texts[1][0] == "0.43\nn=2"
+
+
+@pytest.mark.slow
+def test_real_multirun_over_seeds_is_one_configuration_per_method(tmp_path: Path):
+    # real saved configs (unresolved run_name, cache_dir from the environment): seeds merge
+    from tests.test_sweeps import TINY, opo
+
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "method=opo,grpo", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"]
+    opo(args, tmp_path, tmp_path / "cache")
+    opo(["report", str(sweep)], tmp_path, tmp_path / "cache")
+    rows = read_csv(sweep / "report" / "summary.csv")
+    assert sorted(rows) == ["method=grpo", "method=opo"]
+    assert {(row["n_seeds"], row["seeds"], row["steps"]) for row in rows.values()} == {
+        ("2", "0 1", "2")
+    }
+    assert len(read_csv(sweep / "report" / "runs.csv")) == 4
+    assert (sweep / "report" / "claim1_grad_norm.png").stat().st_size > 1000
