@@ -45,7 +45,8 @@ the same global batch (`--prompts` x `--group`) as one process and as N processe
 `python -m torch.distributed.run --standalone --nproc_per_node=N -m opo_cli train`, each with
 `--threads` threads (default 1, so N processes use N times the cores of one), `--steps` + 1
 steps; it reads `perf/step_s` and `train/response_len_mean` from each run's metrics.jsonl
-(first step a warm-up) and prints step time, completion tokens/s and the scaling efficiency,
+(first step a warm-up; the prompts are the dataset's, `--prompt-len` does not apply) and
+prints step time, completion tokens/s and the scaling efficiency,
 (1-process time) / (N x N-process time), 1.0 being perfect. `--ours` overrides go to both runs:
 
     python scripts/bench_step.py --nproc 2 --prompts 8 --group 8 --new-tokens 32 --steps 5 \
@@ -432,7 +433,7 @@ def timed_run(args, nproc: int, out: Path) -> StepTimes:
 def scaling_table(args, one: StepTimes, many: StepTimes | None) -> Table:
     """Step time and tokens/s of 1 and N processes, and N-process efficiency."""
     title = (
-        f"opo train, model tiny{' ' + ' '.join(args.ours) if args.ours else ''}: "
+        f"opo train {' '.join(args.ours) or 'model=tiny'}: "
         f"{args.prompts} prompts x {args.group} completions (global), {args.new_tokens} new "
         f"tokens, {args.epochs} epoch(s) x {args.mini_batches} mini-batches, "
         f"{args.threads or 1} thread(s) per process, median of {args.steps} steps"
