@@ -7,6 +7,11 @@ process group), and each rank's exit code and stderr lines written as JSON.
 
 Scenarios: greedy and sampled evaluations into OUT/greedy and OUT/sampled; rank 1 failing
 to load the model (OUT/failed, never written); a bad override (eval.n=0).
+
+    tests/distributed_eval_ranks.py OUT CHECKPOINT crash    # in each of 2 SLURM-like tasks
+
+instead dies on rank 1 in its second batch, without a word (`os._exit`), as a process killed
+for memory does; rank 0 records how it ended.
 """
 
 from __future__ import annotations
@@ -36,10 +41,31 @@ def run(args: list[str]) -> dict:
     return {"code": code, "errors": [x for x in err.getvalue().splitlines() if "opo:" in x]}
 
 
+def crash(out: Path, base: list[str]) -> None:
+    """Rank 1 exits in the middle of the evaluation; rank 0 writes how its own run ended."""
+    rank = int(os.environ["SLURM_PROCID"])
+    if rank == 1:
+        graded = evaluate.grade_batch
+        calls = []
+
+        def dying(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                os._exit(9)
+            return graded(*args, **kwargs)
+
+        evaluate.grade_batch = dying
+    record = run([*base, f"hydra.run.dir={out / 'crash'}"])
+    (out / f"crash{rank}.json").write_text(json.dumps(record))
+
+
 def main() -> None:
     out, checkpoint = Path(sys.argv[1]), sys.argv[2]
-    rank = int(os.environ["RANK"])
     base = [f"checkpoint={checkpoint}", *COMMON]
+    if sys.argv[3:] == ["crash"]:
+        crash(out, base)
+        return
+    rank = int(os.environ["RANK"])
     record = {
         "greedy": run([*base, f"hydra.run.dir={out / 'greedy'}"]),
         "sampled": run([*base, "eval.n=3", "seed=7", f"hydra.run.dir={out / 'sampled'}"]),

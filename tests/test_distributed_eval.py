@@ -1,5 +1,6 @@
 """`opo eval` under torchrun on CPU (gloo, 2 processes): the same results as one process,
-greedy and sampled, one error line when one rank fails, no hang.
+greedy and sampled, one error line when one rank fails, no hang; (slow) two SLURM-like tasks
+without torchrun, one of which dies, the other ending with one line.
 
 One launch (`tests/distributed_eval_ranks.py` on each rank) runs every scenario; the tests
 read what it left. Each launch has a timeout, so a deadlock fails the test instead of the
@@ -8,14 +9,20 @@ suite.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from opo_cli.evaluate import batch_seed, evaluate, length_batches
+from opo_cli import cli, distributed
+from opo_cli.config import validate_eval
+from opo_cli.distributed import Dist
+from opo_cli.errors import UserError
+from opo_cli.evaluate import agree_or_lost, batch_seed, evaluate, length_batches, load_for_eval
 from opo_cli.train import train
 from tests.conftest import REPO, compose_config
 
@@ -102,3 +109,72 @@ def test_batches_by_length_and_their_seeds():
     assert length_batches(prompts, 5) == [[1, 4, 3, 0, 2]]
     seeds = {batch_seed(s, b) for s in range(3) for b in range(1000)}
     assert len(seeds) == 3000  # no two (seed, batch) pairs share a seed
+
+
+def test_agree_on_one_process_is_the_error_itself():
+    distributed.agree(None)  # nobody failed: nothing happens
+    error = ValueError("bad")
+    with pytest.raises(ValueError, match="bad") as raised:
+        distributed.agree(error)
+    assert raised.value is error
+
+
+def test_a_broken_process_group_is_one_line(monkeypatch):
+    s = validate_eval(compose_config("eval", ["eval.dist_timeout_s=30"]))
+
+    def broken(error):
+        raise RuntimeError("[pair.cc:553] Connection closed by peer\nmore lines")
+
+    monkeypatch.setattr(distributed, "agree", broken)
+    with pytest.raises(UserError, match=r"eval\.dist_timeout_s=30 s \(\[pair.cc:553\] Conn"):
+        agree_or_lost(None, s)
+    own = RuntimeError("CUDA out of memory")  # this rank's own error is not the group's
+
+    def reraise(error):
+        raise error
+
+    monkeypatch.setattr(distributed, "agree", reraise)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        agree_or_lost(own, s)
+
+
+def test_vllm_on_several_processes_is_refused_before_loading(tmp_path):
+    cfg = compose_config("eval", ["checkpoint=x", "dataset=arith"])
+    s = dataclasses.replace(validate_eval(cfg), backend="vllm")  # vLLM need not be installed
+    with pytest.raises(UserError, match=r"rollout\.backend=vllm under torchrun \(2 processes\)"):
+        load_for_eval(cfg, s, ["x"], "cpu", Dist(rank=1, world_size=2))
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+def test_errors_before_the_ranks_meet_are_printed_by_rank_zero(monkeypatch, capsys, rank, printed):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as ended:
+        cli.fail_alike("eval.n=0 is not allowed")
+    assert ended.value.code == 2
+    expected = "opo: error: eval.n=0 is not allowed\n" if printed else ""
+    assert capsys.readouterr().err == expected
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_other_with_one_line(checkpoint, tmp_path):
+    """Two tasks started as `srun` starts them (SLURM's variables, no torchrun agent to kill
+    the survivor): rank 1 dies in its second batch; rank 0 ends at its next vote with one
+    line, long before eval.dist_timeout_s (600 s)."""
+    port = 29500 + os.getpid() % 1000
+    procs = []
+    for rank in (0, 1):
+        env = os.environ | {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
+        env |= {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost"}
+        env |= {"MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+            env.pop(key, None)
+        cmd = [sys.executable, str(REPO / "tests" / "distributed_eval_ranks.py")]
+        cmd += [str(tmp_path), str(checkpoint), "crash"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path))
+    codes = [p.wait(timeout=LAUNCH_TIMEOUT_S) for p in procs]
+    assert codes == [0, 9]  # rank 0's script ends normally after recording
+    record = json.loads((tmp_path / "crash0.json").read_text())
+    assert record["code"] == 2 and len(record["errors"]) == 1
+    assert record["errors"][0].startswith("opo: error: the process group broke: another rank")
+    assert not (tmp_path / "crash" / "eval.json").exists()
