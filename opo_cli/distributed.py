@@ -125,8 +125,9 @@ def from_env(env: dict[str, str] | None = None) -> Dist:
 def setup(device_name: str, timeout_s: float) -> tuple[Dist, torch.device | None]:
     """Join the process group when launched on several processes.
 
-    Returns this rank's `Dist` and, under several processes, its device (`cuda:LOCAL_RANK`
-    with NCCL, `cpu` with gloo); `None` at world size 1, where the caller picks the device.
+    Returns this rank's `Dist` and, under several processes, its device (with NCCL
+    `cuda:LOCAL_RANK`, or `cuda:0` where SLURM shows each task its own GPU: `cuda_index`;
+    `cpu` with gloo); `None` at world size 1, where the caller picks the device.
     A collective that waits longer than `timeout_s` raises instead of hanging. The group
     lives until the process ends (a second call returns the same): under torchrun a group
     made again after `teardown` in the same process finds its peers' old addresses and hangs
