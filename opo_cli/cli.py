@@ -63,6 +63,21 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def fail_alike(message: str, code: int = 2) -> None:
+    """End the program over an error every process of a torchrun launch finds alike, before
+    the processes have met (a bad override or value): rank 0 prints the one line, the others
+    end with the same code quietly."""
+    from opo_cli import distributed  # torch: imported on this error path only
+
+    try:
+        main_process = distributed.from_env().is_main
+    except UserError:
+        main_process = True
+    if main_process:
+        print(f"opo: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def check_group_overrides(args: list[str]) -> None:
     """Unknown config-group options end in one line that lists the valid ones.
 
@@ -77,7 +92,7 @@ def check_group_overrides(args: list[str]) -> None:
         options = group_options(group)
         for value in values.split(","):
             if value and value not in options:
-                fail(f"{group}={value}: no such {group}; choose one of: {', '.join(options)}")
+                fail_alike(f"{group}={value}: no such {group}; choose one of: {', '.join(options)}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)
@@ -99,10 +114,13 @@ def train_app(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base=None)
 def eval_app(cfg: DictConfig) -> None:
+    from opo_cli.distributed import PeerFailed
     from opo_cli.evaluate import evaluate
 
     try:
         evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except PeerFailed:  # another rank failed and printed why
+        sys.exit(1)
     except UserError as e:
         fail(str(e))
 
@@ -113,7 +131,7 @@ def run_hydra_app(app, name: str, args: list[str], validate=None) -> None:
     try:
         check_overrides(name, args, validate)
     except UserError as e:
-        fail(str(e))
+        fail_alike(str(e))
     completion = any(a in COMPLETION_FLAGS for a in args)  # its script is for `opo`, every command
     sys.argv = ["opo" if completion else f"opo {name}", *args]
     app()

@@ -416,6 +416,7 @@ class EvalSettings:
     dtype: str
     backend: str  # opo eval: rollout.backend (hf, opo, vllm); during training, the trainer's
     vllm: VLLMSettings  # opo eval with backend=vllm: the engine's settings
+    dist_timeout_s: float  # opo eval under torchrun: longest wait in a collective (training: inf)
 
 
 def validate_eval(cfg: DictConfig) -> EvalSettings:
@@ -445,6 +446,9 @@ def validate_eval(cfg: DictConfig) -> EvalSettings:
         dtype=_choice(cfg, "eval.dtype", ("auto", "float32", "bfloat16")) if standalone else "auto",
         backend=_backend(cfg),
         vllm=validate_vllm(cfg),
+        dist_timeout_s=_float(cfg, "eval.dist_timeout_s", 0, inf, open_low=True)
+        if standalone
+        else inf,
     )
 
 

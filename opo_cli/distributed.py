@@ -8,7 +8,9 @@ Everything here is a no-op at world size 1, so the single-process path never bra
 
 from __future__ import annotations
 
+import atexit
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,21 +44,37 @@ SINGLE = Dist()
 def slurm_to_torchrun_env(env: dict[str, str]) -> dict[str, str]:
     """The torchrun variables a task started by `srun` (one task per GPU) lacks, from SLURM's.
 
-    Returns only what is missing; empty when the process is not a SLURM task of a multi-task
-    step, or when torchrun already set RANK/WORLD_SIZE.
+    hydra-submitit-launcher starts its jobs this way (`srun` runs the job function once per
+    task: `hydra.launcher.tasks_per_node` x `nodes` tasks), and so does `srun opo train`.
+    Only a task of a multi-task job step counts: `srun` sets `SLURM_STEP_NUM_TASKS`, while a
+    batch script itself (rank 0 of `SLURM_NTASKS` by its variables, but alone) has no step.
+    submitit's local executor (`hydra/launcher=submitit_local`) names the same numbers
+    `SUBMITIT_LOCAL_*` and runs every task on this host. Rank 0 runs on the first host of
+    the step's node list. Returns only what is missing; empty when the process is not such
+    a task, or when torchrun already set RANK.
     """
-    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+    if "RANK" in env:
+        return {}
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        rank, world, local = "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"
+        job, nodes = "SLURM_JOB_ID", env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST"))
+    elif int(env.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1 and "SUBMITIT_LOCAL_GLOBALID" in env:
+        rank, world, local = (
+            "SUBMITIT_LOCAL_GLOBALID",
+            "SUBMITIT_LOCAL_NTASKS",
+            "SUBMITIT_LOCAL_LOCALID",
+        )
+        job, nodes = "SUBMITIT_LOCAL_JOB_ID", "localhost"
+    else:
         return {}
     out = {
-        "RANK": env["SLURM_PROCID"],
-        "WORLD_SIZE": env["SLURM_NTASKS"],
-        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        "MASTER_PORT": env.get(
-            "MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000)
-        ),
+        "RANK": env[rank],
+        "WORLD_SIZE": env[world],
+        "LOCAL_RANK": env.get(local, "0"),
+        "MASTER_PORT": env.get("MASTER_PORT", str(29500 + int(env.get(job, "0")) % 1000)),
     }
     if "MASTER_ADDR" not in env:
-        out["MASTER_ADDR"] = first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
+        out["MASTER_ADDR"] = first_host(nodes or "localhost")
     return out
 
 
@@ -74,11 +92,20 @@ def first_host(nodelist: str) -> str:
             return out[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    head = nodelist.split(",")[0]
-    if "[" not in head:
-        return head
-    prefix, ranges = head.split("[", 1)
-    return prefix + ranges.split("-")[0].split(",")[0].rstrip("]")
+    return parse_first_host(nodelist)
+
+
+def parse_first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list read as SLURM writes it, without scontrol: groups
+    joined by commas, each bracket a list of numbers and ranges (`gpu[01-04,07],cpu1` ->
+    `gpu01`, `rack[2-3]-n[5,9]` -> `rack2-n5`)."""
+    depth, group = 0, ""
+    for c in nodelist:
+        if c == "," and depth == 0:
+            break
+        depth += (c == "[") - (c == "]")
+        group += c
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], group)
 
 
 def from_env(env: dict[str, str] | None = None) -> Dist:
@@ -98,9 +125,13 @@ def from_env(env: dict[str, str] | None = None) -> Dist:
 def setup(device_name: str, timeout_s: float) -> tuple[Dist, torch.device | None]:
     """Join the process group when launched on several processes.
 
-    Returns this rank's `Dist` and, under several processes, its device (`cuda:LOCAL_RANK`
-    with NCCL, `cpu` with gloo); `None` at world size 1, where the caller picks the device.
-    A collective that waits longer than `timeout_s` raises instead of hanging.
+    Returns this rank's `Dist` and, under several processes, its device (with NCCL
+    `cuda:LOCAL_RANK`, or `cuda:0` where SLURM shows each task its own GPU: `cuda_index`;
+    `cpu` with gloo); `None` at world size 1, where the caller picks the device.
+    A collective that waits longer than `timeout_s` raises instead of hanging. The group
+    lives until the process ends (a second call returns the same): under torchrun a group
+    made again after `teardown` in the same process finds its peers' old addresses and hangs
+    (torch 2.13), so `opo eval -m` jobs in one process share one group.
     """
     os.environ.update(slurm_to_torchrun_env(dict(os.environ)))
     d = from_env()
@@ -109,16 +140,32 @@ def setup(device_name: str, timeout_s: float) -> tuple[Dist, torch.device | None
     if device_name == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device=cuda (NCCL) but this machine has no CUDA device")
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda", cuda_index(d.local_rank)) if use_cuda else torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(d.local_rank)
-    device = torch.device(f"cuda:{d.local_rank}" if use_cuda else "cpu")
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=timedelta(seconds=timeout_s),
             device_id=device if use_cuda else None,
         )
+        atexit.register(teardown)
     return d, device
+
+
+def cuda_index(local_rank: int, visible: int | None = None) -> int:
+    """This rank's CUDA device among the `visible` ones (default: all this process sees):
+    `local_rank` when the process sees every GPU of its node (torchrun), 0 when it sees one
+    (SLURM's `--gpus-per-task=1` binds each task to its own GPU through CUDA_VISIBLE_DEVICES)."""
+    visible = torch.cuda.device_count() if visible is None else visible
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise UserError(
+            f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs: start one process "
+            "per GPU (torchrun --nproc_per_node, or SLURM --ntasks-per-node = GPUs per node)"
+        )
+    return local_rank
 
 
 def teardown() -> None:
@@ -174,3 +221,22 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class PeerFailed(Exception):
+    """Another rank failed and reports why; this one stops without a message of its own."""
+
+
+def agree(error: BaseException | None) -> None:
+    """Raise on every rank when any rank has an `error`: the lowest failing rank raises its
+    own error (the run's one message), the others `PeerFailed`. Nothing when none failed.
+
+    Every rank calls it at the same point, with the error of the work it just did (or None).
+    """
+    if all_ok(error is None):
+        return
+    failed = gather_objects(error is not None)
+    first = failed.index(True)
+    if (dist.get_rank() if active() else 0) == first:
+        raise error
+    raise PeerFailed(f"rank {first} failed")

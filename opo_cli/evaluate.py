@@ -34,6 +34,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from opo_cli import distributed
 from opo_cli.backends import Backend, BackendOptions, open_backend
 from opo_cli.config import EvalSettings
 from opo_cli.data import (
@@ -44,12 +45,13 @@ from opo_cli.data import (
     prompt_texts,
     stratified_sample,
 )
-from opo_cli.errors import UserError
+from opo_cli.distributed import SINGLE, Dist
+from opo_cli.errors import UserError, first_line
 from opo_cli.models import load_policy, pick_device, pick_dtype
 from opo_cli.rewards import answer_key, build_reward, extract_boxed, grade_math, gsm8k_number
 from opo_cli.rollout import generate_rollout, probed_reward, reward_columns
 from opo_cli.runs import check_eval
-from opo_cli.tracking import console, start_wandb, warn_damaged
+from opo_cli.tracking import NullRun, console, start_wandb, warn_damaged
 
 
 @dataclass
@@ -226,6 +228,71 @@ def generate_completions(
     return rollout.texts, lengths, rollout.truncated.tolist()
 
 
+def length_batches(prompts: list[str], batch_size: int) -> list[list[int]]:
+    """The prompts' indices in batches of `batch_size`, in order of length (less padding)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The sampling seed of global batch `batch`: distinct for every (seed, batch) pair with
+    fewer than 2**20 batches, and the same whichever rank samples the batch."""
+    return seed * 2**20 + batch
+
+
+def grade_batch(
+    model, tok, problems: list[Problem], prompts: list[str], batch: list[int], reward_fn, s, backend
+) -> dict[int, Graded]:
+    """`s.n` responses to each problem of `batch` (indices into `problems`), graded."""
+    texts, lengths, truncated = generate_completions(
+        model,
+        tok,
+        [prompts[i] for i in batch],
+        n=s.n,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        backend=backend,
+    )
+    chosen = [problems[i] for i in batch]
+    golds = [p.answer for p in chosen for _ in range(s.n)]
+    scores = reward_fn(texts, golds, reward_columns(chosen, s.n))
+    right = [p.get("correct", t) == 1.0 for p, t in zip(scores.parts, scores.total, strict=True)]
+    graded = {}
+    for j, i in enumerate(batch):
+        rows = slice(j * s.n, (j + 1) * s.n)
+        graded[i] = Graded(problems[i], texts[rows], right[rows], lengths[rows], truncated[rows])
+    return graded
+
+
+def lost_rank(s: EvalSettings, e: RuntimeError) -> UserError:
+    """A collective that failed: another rank crashed, or kept this one waiting too long."""
+    return UserError(
+        "the process group broke: another rank stopped, or kept this one waiting past "
+        f"eval.dist_timeout_s={s.dist_timeout_s:g} s ({first_line(e)})"
+    )
+
+
+def agree_or_lost(error: BaseException | None, s: EvalSettings) -> None:
+    """`distributed.agree(error)`, with a lost rank as one line (`lost_rank`)."""
+    try:
+        distributed.agree(error)
+    except RuntimeError as e:
+        if e is error:
+            raise
+        raise lost_rank(s, e) from None
+
+
+def gathered(mine: dict[int, Graded], s: EvalSettings, ranks: Dist) -> list[dict[int, Graded]]:
+    """Every rank's graded problems, in rank order ([mine] on one process)."""
+    if not ranks.enabled:
+        return [mine]
+    try:
+        return distributed.gather_objects(mine)
+    except RuntimeError as e:
+        raise lost_rank(s, e) from None
+
+
 def evaluate_problems(
     model,
     tok,
@@ -234,44 +301,49 @@ def evaluate_problems(
     s: EvalSettings,
     on_batch: Callable[[int], None] | None = None,
     backend: Backend | None = None,
+    *,
+    seed: int | None = None,
+    ranks: Dist = SINGLE,
 ) -> list[Graded]:
     """Generate (with `backend`; None: HF `generate`) and grade `s.n` responses per problem,
-    `s.batch_size` problems at a time.
+    `s.batch_size` problems at a time; the graded problems in their order, on every rank.
 
-    Prompts are batched in order of length (less padding); results keep the problems' order.
+    Prompts are batched in order of length (less padding). With `seed`, the global RNG is
+    seeded before each batch with `batch_seed(seed, batch)`; None leaves it alone (greedy
+    evaluation during training). Under several ranks (`ranks`), rank r takes the global
+    batches r, r + W, r + 2W, ... (W ranks), so each batch is the same batch, with the same
+    seed and padding, at any world size: the results equal one process's. The ranks go in
+    lockstep, a batch each per round, and agree after each (`distributed.agree`): an error
+    on one rank stops every rank within one batch, and no rank waits for another longer
+    than a batch takes. `on_batch` is told how many problems the round finished, all ranks'.
+    With one rank (the default, and evaluation during training) there is no collective.
     """
     prompts = prompt_texts(problems, tok, dataset_cfg)
     reward_fn = build_reward(dataset_cfg)
-    order = sorted(range(len(problems)), key=lambda i: len(prompts[i]))
-    graded: list[Graded | None] = [None] * len(problems)
+    batches = length_batches(prompts, s.batch_size)
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), s.batch_size):
-        batch = order[start : start + s.batch_size]
-        texts, lengths, truncated = generate_completions(
-            model,
-            tok,
-            [prompts[i] for i in batch],
-            n=s.n,
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            backend=backend,
-        )
-        chosen = [problems[i] for i in batch]
-        golds = [p.answer for p in chosen for _ in range(s.n)]
-        scores = reward_fn(texts, golds, reward_columns(chosen, s.n))
-        right = [
-            p.get("correct", t) == 1.0 for p, t in zip(scores.parts, scores.total, strict=True)
-        ]
-        for j, i in enumerate(batch):
-            rows = slice(j * s.n, (j + 1) * s.n)
-            correct = right[rows]
-            graded[i] = Graded(problems[i], texts[rows], correct, lengths[rows], truncated[rows])
+    mine: dict[int, Graded] = {}
+    for first in range(0, len(batches), ranks.world_size):
+        b, error = first + ranks.rank, None
+        try:
+            if b < len(batches):
+                if seed is not None:
+                    torch.manual_seed(batch_seed(seed, b))
+                mine |= grade_batch(
+                    model, tok, problems, prompts, batches[b], reward_fn, s, backend
+                )
+        except Exception as e:  # agreed below: every rank stops, the first failing one says why
+            error = e
+        if ranks.enabled:
+            agree_or_lost(error, s)
+        elif error is not None:
+            raise error
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch(sum(len(batch) for batch in batches[first : first + ranks.world_size]))
     model.train(was_training)
-    return graded
+    graded = {i: g for share in gathered(mine, s, ranks) for i, g in share.items()}
+    return [graded[i] for i in range(len(problems))]
 
 
 def check_held_out(s: EvalSettings, held_out: list[Problem]) -> None:
@@ -310,8 +382,8 @@ def held_out_metrics(
 
 
 @contextmanager
-def eval_progress(total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over problems; yields the function that advances it."""
+def eval_progress(total: int, show: bool = True) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over problems (none unless `show`); yields what advances it."""
     progress = Progress(
         TextColumn("[bold]eval"),
         BarColumn(),
@@ -319,6 +391,7 @@ def eval_progress(total: int) -> Iterator[Callable[[int], None]]:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
+        disable=not show,
     )
     task = progress.add_task("eval", total=total)
     with progress:
@@ -376,17 +449,19 @@ def sample_note(limit: int | None, size: int, seed: int) -> str:
     return f"stratified by {' and '.join(STRATA)}, seed {seed} (dataset.split_seed)"
 
 
-def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
-    """Evaluate `cfg.checkpoint` on the configured dataset; writes and returns eval.json's dict."""
-    s, candidates = check_eval(cfg)
+def load_for_eval(cfg: DictConfig, s: EvalSettings, candidates: list[str], device, ranks: Dist):
+    """(problems, the split's size, model path, model, tokenizer, backend) on this rank."""
+    if ranks.enabled and s.backend == "vllm":
+        raise UserError(
+            f"rollout.backend=vllm under torchrun ({ranks.world_size} processes) is not built: "
+            "run opo eval with vllm as one process, or use rollout.backend=hf or opo"
+        )
     every = dataset_problems(cfg.dataset)
     problems = stratified_sample(every, s.limit, cfg.dataset.split_seed)
     probed_reward(cfg.dataset, problems)  # a broken reward fails before the model loads
-    device, trust = pick_device(s.device), bool(cfg.eval.trust_remote_code)
+    trust = bool(cfg.eval.trust_remote_code)
     dtype = pick_dtype(s.dtype, device)
     model_path, model, tok = load_first_readable(candidates, device, dtype, trust)
-    torch.manual_seed(cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
     options = BackendOptions(
         model_path=model_path,
         dtype=dtype,
@@ -397,24 +472,79 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         top_p=s.top_p,
         vllm=s.vllm,
     )
-    backend = open_backend(s.backend, options)
-    wandb_run = start_wandb(cfg, run_dir, name=cfg.run_name)
+    return problems, len(every), model_path, model, tok, open_backend(s.backend, options)
+
+
+def join_ranks(s: EvalSettings) -> tuple[Dist, torch.device | None]:
+    """`distributed.setup` for `opo eval`. Its mistakes (cuda asked for on a machine without
+    it) are alike on every rank: rank 0 raises, the others `PeerFailed`. A process group
+    that cannot form within `eval.dist_timeout_s` is one line."""
+    try:
+        return distributed.setup(s.device, s.dist_timeout_s)
+    except UserError:
+        if distributed.from_env().is_main:
+            raise
+        raise distributed.PeerFailed("rank 0 reports it") from None
+    except RuntimeError as e:  # torch's DistNetworkError, DistStoreError: the rendezvous
+        raise UserError(
+            f"could not join the other ranks within eval.dist_timeout_s={s.dist_timeout_s:g} s "
+            f"({first_line(e)})"
+        ) from None
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+    """Evaluate `cfg.checkpoint` on the configured dataset; writes and returns eval.json's dict.
+
+    Under torchrun (`torchrun --nproc_per_node=N --no-python opo eval ...`, or N SLURM tasks)
+    each process loads the model on its own device and grades every N-th batch of problems
+    (`evaluate_problems`); rank 0 alone writes the files, the console and W&B, and the other
+    ranks return an empty dict. An error on any rank ends every rank, with one line.
+    """
+    s, candidates = check_eval(cfg)
+    ranks, device = join_ranks(s)  # the process group stays for the process's next job
+    loaded, error = None, None
+    try:
+        loaded = load_for_eval(cfg, s, candidates, device or pick_device(s.device), ranks)
+    except Exception as e:  # agreed: the first failing rank says why, the others stop
+        error = e
+    agree_or_lost(error, s)
+    return evaluate_loaded(cfg, run_dir, s, ranks, *loaded)
+
+
+def evaluate_loaded(
+    cfg, run_dir, s, ranks, problems, split_size, model_path, model, tok, backend
+) -> dict:
+    """Grade `problems` on every rank; rank 0 summarises and writes (see `evaluate`)."""
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    wandb_run = start_wandb(cfg, run_dir, name=cfg.run_name) if ranks.is_main else NullRun()
     t0 = time.perf_counter()
     try:
-        with eval_progress(len(problems)) as advance:
+        with eval_progress(len(problems), show=ranks.is_main) as advance:
             graded = evaluate_problems(
-                model, tok, problems, cfg.dataset, s, on_batch=advance, backend=backend
+                model,
+                tok,
+                problems,
+                cfg.dataset,
+                s,
+                on_batch=advance,
+                backend=backend,
+                seed=cfg.seed,
+                ranks=ranks,
             )
     finally:
         backend.close()
+    if not ranks.is_main:
+        return {}
     result = summarise(graded, s.ks, voting(cfg.dataset))
     result |= {
         "checkpoint": model_path,
         "dataset": cfg.dataset.name,
         "split": eval_split(cfg.dataset),
-        "split_size": len(every),  # problems in the split; "n" of them were evaluated
-        "sample": sample_note(s.limit, len(every), cfg.dataset.split_seed),
+        "split_size": split_size,  # problems in the split; "n" of them were evaluated
+        "sample": sample_note(s.limit, split_size, cfg.dataset.split_seed),
         "path": OmegaConf.select(cfg.dataset, "path"),
+        "processes": ranks.world_size,  # torchrun's world size
         "eval_s": time.perf_counter() - t0,
     }
     write_results(run_dir, result, graded)

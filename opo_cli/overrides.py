@@ -61,6 +61,14 @@ def hydra_args(args: list[str]) -> argparse.Namespace | None:
     ns, unknown = get_args_parser().parse_known_args(args)
     if unknown:
         raise OverrideError(f"{unknown[0]}: unknown option; see the options with --hydra-help")
+    flags = (("-m", ns.multirun), ("--cfg", ns.cfg), ("--info", ns.info))
+    modes = [flag for flag, on in flags if on]
+    if len(modes) > 1:  # Hydra would raise a ValueError with a traceback
+        hint = "choose one"
+        if "-m" in modes:
+            hint = "Hydra prints one run's config: drop -m and give each key one value (a sweep "
+            hint += "file, sweep=NAME, prints without -m)"
+        raise OverrideError(f"{' and '.join(modes)} do not go together; {hint}")
     elsewhere = (ns.config_path, ns.config_name, ns.config_dir, ns.experimental_rerun)
     if ns.help or ns.hydra_help or ns.shell_completion or any(elsewhere):
         return None

@@ -39,6 +39,20 @@ sizes, bf16; add `--ours rollout.backend=opo` for our sampling loop, or
 `rollout.reuse_sampling_logps=true`). With vLLM installed, `--only ours --ours
 rollout.backend=vllm` samples through the colocated engine (on a CPU with `model=tiny_vllm`,
 whose head size vLLM's CPU attention serves; docs/performance.md).
+
+`--nproc N` measures data-parallel scaling instead (no TRL): `opo train` (model=tiny, OPO) at
+the same global batch (`--prompts` x `--group`) as one process and as N processes launched by
+`python -m torch.distributed.run --standalone --nproc_per_node=N -m opo_cli train`, each with
+`--threads` threads (default 1, so N processes use N times the cores of one), `--steps` + 1
+steps; it reads `perf/step_s` and `train/response_len_mean` from each run's metrics.jsonl
+(first step a warm-up; the prompts are the dataset's, `--prompt-len` does not apply) and
+prints step time, completion tokens/s and the scaling efficiency,
+(1-process time) / (N x N-process time), 1.0 being perfect. `--ours` overrides go to both runs:
+
+    python scripts/bench_step.py --nproc 2 --prompts 8 --group 8 --new-tokens 32 --steps 5 \
+        --ours model.tiny.warm_start.steps=0
+
+(`--nproc 1` runs the one-process side alone: a check of the plumbing.)
 """
 
 from __future__ import annotations
@@ -48,9 +62,12 @@ import contextlib
 import gc
 import itertools
 import json
+import os
 import random
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -360,6 +377,102 @@ def run_trl(args, tok, device: torch.device, dtype: torch.dtype) -> StepTimes:
     return result
 
 
+# ------------------------------------------------------------------ scaling over processes
+
+
+def train_command(args, nproc: int, run_dir: Path) -> list[str]:
+    """`opo train` at the benchmark's shape on `nproc` processes (1: no launcher)."""
+    launcher = [sys.executable]
+    if nproc > 1:  # each rank's output also in logs/: rank 1 must not report a run of its own
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        launcher += [f"--log-dir={run_dir.parent / 'logs'}", "--redirects=3", "--tee=3"]
+    overrides = [
+        "method=opo",
+        "logger=none",
+        f"seed={args.seed}",
+        f"trainer.lr={args.lr}",
+        f"trainer.steps={args.steps + 1}",
+        "trainer.save_every=0",  # only final/: checkpoints are not the step
+        f"rollout.prompts_per_step={args.prompts}",
+        f"rollout.group_size={args.group}",
+        f"rollout.max_new_tokens={args.new_tokens}",
+        f"trainer.epochs={args.epochs}",
+        f"trainer.mini_batches={args.mini_batches}",
+        f"trainer.micro_batch_size={args.micro or 'null'}",
+        f"trainer.device={args.device}",
+        *args.ours,
+        f"hydra.run.dir={run_dir}",
+    ]
+    return [*launcher, "-m", "opo_cli", "train", *overrides]
+
+
+def timed_run(args, nproc: int, out: Path) -> StepTimes:
+    """One `opo train` run on `nproc` processes; medians of its metrics after the warm-up step."""
+    run_dir = out / f"nproc{nproc}"
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads or 1), "WANDB_MODE": "disabled"}
+    print(f"  {' '.join(train_command(args, nproc, run_dir))}", flush=True)
+    subprocess.run(train_command(args, nproc, run_dir), env=env, check=True, timeout=args.timeout)
+    others = [f for f in (out / "logs").rglob("*.log") if f.parent.name not in ("", "0")]
+    if any("done: " in f.read_text() for f in others):  # rank 0 alone ends a run with it
+        raise SystemExit(
+            f"a rank other than 0 reported a run of its own ({out / 'logs'}): this `opo train` "
+            f"trains one run per process, not one run on {nproc} processes"
+        )
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[1:]
+    n = args.prompts * args.group
+    return StepTimes(
+        rollout_s=median(r["perf/rollout_s"] for r in timed),
+        train_s=median(r["perf/step_s"] - r["perf/rollout_s"] for r in timed),
+        step_s=median(r["perf/step_s"] for r in timed),
+        completion_tokens=median(r["train/response_len_mean"] * n for r in timed),
+        peak_mem_gb=float("nan"),  # another process's: not measured here
+    )
+
+
+def scaling_table(args, one: StepTimes, many: StepTimes | None) -> Table:
+    """Step time and tokens/s of 1 and N processes, and N-process efficiency."""
+    title = (
+        f"opo train {' '.join(args.ours) or 'model=tiny'}: "
+        f"{args.prompts} prompts x {args.group} completions (global), {args.new_tokens} new "
+        f"tokens, {args.epochs} epoch(s) x {args.mini_batches} mini-batches, "
+        f"{args.threads or 1} thread(s) per process, median of {args.steps} steps"
+    )
+    t = Table(title=title)
+    t.add_column("")
+    t.add_column("1 process", justify="right")
+    if many is not None:
+        t.add_column(f"{args.nproc} processes", justify="right")
+        t.add_column("efficiency", justify="right")
+    for label, attr in (
+        ("rollout s", "rollout_s"),
+        ("training s", "train_s"),
+        ("step s", "step_s"),
+    ):
+        a = getattr(one, attr)
+        cells = [f"{a:.3f}"]
+        if many is not None:
+            b = getattr(many, attr)
+            cells += [f"{b:.3f}", f"{a / (args.nproc * b):.2f}"]
+        t.add_row(label, *cells)
+    cells = [f"{one.tok_per_s:.1f}"]
+    if many is not None:
+        cells += [f"{many.tok_per_s:.1f}", f"{many.tok_per_s / (args.nproc * one.tok_per_s):.2f}"]
+    t.add_row("completion tokens/s", *cells)
+    return t
+
+
+def run_scaling(args) -> None:
+    """`--nproc N`: one process against N at the same global batch (see the docstring)."""
+    if args.nproc > 1 and args.prompts % args.nproc:
+        raise SystemExit(f"--prompts {args.prompts} is not a multiple of --nproc {args.nproc}")
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="opo-bench-nproc-") as out:
+        one = timed_run(args, 1, Path(out))
+        many = timed_run(args, args.nproc, Path(out)) if args.nproc > 1 else None
+    console.print(scaling_table(args, one, many))
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -408,6 +521,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--only", choices=("both", "ours", "trl"), default="both", help="sides to run")
     p.add_argument("--ours", nargs="*", default=[], help="Hydra overrides for our side")
+    p.add_argument(
+        "--nproc", type=int, default=None, help="scaling: 1 process against N (torchrun), no TRL"
+    )
+    p.add_argument("--timeout", type=float, default=3600, help="--nproc: seconds per run")
     args = p.parse_args()
     real = args.arch != "tiny"
     args.micro = args.micro if args.micro is not None else (8 if real else None)
@@ -418,6 +535,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.nproc is not None:
+        run_scaling(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

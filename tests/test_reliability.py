@@ -82,6 +82,7 @@ BAD_INPUTS = [  # (id, command line, what the one error line must name)
     ("bad-syntax", ["train", "alpha=[1"], "alpha"),
     ("sweep-value", ["train", "-m", "alpha=0.3,1.5"], "alpha"),
     ("sweep-without-m", ["train", "mu=0.5,1.0"], "mu"),
+    ("multirun-cfg", ["train", "-m", "seed=0,1", "--cfg", "hydra"], "-m and --cfg"),
     ("data-file", ["train", "dataset=math_l3", "dataset.path=/nonexistent.jsonl"], "dataset.path"),
     ("model-folder", ["train", "model.name_or_path=/nonexistent"], "model.name_or_path"),
     (
@@ -99,6 +100,7 @@ BAD_INPUTS = [  # (id, command line, what the one error line must name)
     ("command", ["frobnicate"], "frobnicate"),
     ("eval-checkpoint-not-a-run", ["eval", "checkpoint={empty}"], "checkpoint={empty}"),
     ("eval-limit", ["eval", "checkpoint={empty}", "eval.limit=0"], "eval.limit"),
+    ("eval-dist-timeout", ["eval", "checkpoint={empty}", "eval.dist_timeout_s=0"], "eval.dist"),
     (
         "eval-data-file",
         ["eval", "checkpoint={empty}", "dataset=math_l3", "dataset.path=/nonexistent.jsonl"],
