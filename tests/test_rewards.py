@@ -185,6 +185,11 @@ def test_extract_boxed_edges():
     assert extract_boxed(r"\boxed{1} \boxed{2") is None  # the last box is unterminated
     assert extract_boxed(r"\boxedx{1}") is None
     assert extract_boxed("no box") is None
+    # a response cut off (max_new_tokens) right after the command: no answer, no error
+    assert extract_boxed(r"so the answer is \boxed") is None
+    assert extract_boxed("so the answer is \\boxed \t") is None
+    assert extract_boxed(r"$\boxed X$") == "X"  # a letter after the space is the answer
+    assert extract_boxed("\\boxed\t{7}") == "7"
 
 
 @pytest.mark.parametrize(
