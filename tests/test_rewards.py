@@ -254,6 +254,13 @@ def test_numerals_in_a_base(response, gold, right):
 # ---------------------------------------------------------------- the grader's readings of commas
 
 
+def test_a_plain_comma_read_as_the_other_answer_reads_it():
+    # 70,110 is the list 70, 110 against a list, and the number 70110 against a number
+    assert grade_math(boxed("70,110"), "70, 110") and grade_math(boxed("70, 110"), "70,110")
+    assert grade_math(boxed("70,110"), "70110") and grade_math(boxed("70110"), "70,110")
+    assert not grade_math(boxed("70,110"), "70, 111")
+
+
 def test_split_at_top_level_commas_only():
     assert _split_top_level("X, f(a, b), [1, 2], \\{3, 4\\}") == [
         "X",

@@ -286,8 +286,7 @@ def _plain_number(text: str) -> str | None:
         value = Decimal(numbers[-1].replace(",", ""))
     except InvalidOperation:
         return None
-    text = format(value.normalize(), "f") if value else "0"
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    return format(value.normalize(), "f") if value else "0"  # 1.2E+3 -> 1200; -0 -> 0
 
 
 def gsm8k_gold(gold: str) -> str | None:
