@@ -66,6 +66,7 @@ def test_gsm8k_reads_the_gold_after_the_marks_and_a_bare_gold_as_it_stands():
     assert gsm8k_gold("Ann has 3 + 5 = <<3+5=8>>8 apples.\n#### 8") == "8"
     assert gsm8k_gold("42") == "42"
     assert gsm8k_number(r"\boxed{}") == gsm8k_number("") is None
+    assert extract_boxed(r"\boxed{7}") == "7"
     # what follows the marks is the answer, never the last number of the working
     assert gsm8k_gold("3 + 5 = <<3+5=8>>8 apples.\n#### eight") is None
 
@@ -78,7 +79,6 @@ def test_gsm8k_numbers_in_one_plain_form():
     assert gsm8k_number("0.5") == gsm8k_number(".50") == "0.5"
     assert gsm8k_number("0") == gsm8k_number("-0.0") == gsm8k_number("0.000") == "0"
     assert gsm8k_number("-7.25") == "-7.25"
-    assert extract_boxed(r"\boxed{7}") == "7"
 
 
 # ------------------------------------------------------------------------------ the shaping

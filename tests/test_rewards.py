@@ -1,6 +1,7 @@
 """Rewards a user meets without the MATH data: the arithmetic task's exact match, the answer
-key that maj@k votes with, repeating decimals and vectors written as tuples. Expected values
-are the mathematical truth, worked out by hand. Run: pytest tests/test_rewards.py -q
+key that maj@k votes with, repeating decimals, vectors written as tuples, times of day,
+numerals in a base, the readings of commas and what the grader decides before math-verify.
+Expected values are the mathematical truth, worked out by hand. Run: pytest tests/test_rewards.py -q
 """
 
 from __future__ import annotations
@@ -297,14 +298,12 @@ def test_what_is_a_list():
     assert not _is_list("12")
 
 
-COLUMN_5 = r"\begin{pmatrix} 5 \end{pmatrix}"
-
-
 def test_only_tuples_become_columns():
     column = r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}"
     assert _tuple_as_column("(1, 2)", column) == r"\begin{pmatrix}1 \\ 2\end{pmatrix}"
     assert _tuple_as_column("(1, 2)", "(1, 2)") == "(1, 2)"  # the other is no column
-    assert _tuple_as_column("(5)", COLUMN_5) == "(5)"  # a number in brackets, not a tuple
+    one = r"\begin{pmatrix} 5 \end{pmatrix}"
+    assert _tuple_as_column("(5)", one) == "(5)"  # a number in brackets, not a tuple
     assert _tuple_as_column("(1,,2)", column) == "(1,,2)"  # a component missing
     assert _tuple_as_column("(1, 2))", column) == "(1, 2))"  # brackets that do not balance
     assert _tuple_as_column("[1, 2]", column) == "[1, 2]"  # an interval
