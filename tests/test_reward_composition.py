@@ -55,11 +55,30 @@ def test_gsm8k_numeric_match(response, gold, right):
     assert score_gsm8k([response], [gold]) == [float(right)]
 
 
+def test_gsm8k_refuses_batches_of_different_lengths():
+    with pytest.raises(ValueError, match=r"^2 responses but 1 gold answers$"):
+        score_gsm8k(["1", "2"], ["#### 1"])
+    with pytest.raises(ValueError, match=r"^1 responses but 2 gold answers$"):
+        score_gsm8k(["1"], ["#### 1", "#### 2"])
+
+
 def test_gsm8k_reads_the_gold_after_the_marks_and_a_bare_gold_as_it_stands():
     assert gsm8k_gold("Ann has 3 + 5 = <<3+5=8>>8 apples.\n#### 8") == "8"
     assert gsm8k_gold("42") == "42"
     assert gsm8k_number(r"\boxed{}") == gsm8k_number("") is None
     assert extract_boxed(r"\boxed{7}") == "7"
+    # what follows the marks is the answer, never the last number of the working
+    assert gsm8k_gold("3 + 5 = <<3+5=8>>8 apples.\n#### eight") is None
+
+
+def test_gsm8k_numbers_in_one_plain_form():
+    # no commas, no trailing zeros, no exponent, one zero: the form two equal numbers share
+    assert gsm8k_number("... so she pays $1,200.00.") == "1200"
+    assert gsm8k_gold("#### 1200") == "1200"
+    assert gsm8k_number("about 12.50 each") == "12.5"
+    assert gsm8k_number("0.5") == gsm8k_number(".50") == "0.5"
+    assert gsm8k_number("0") == gsm8k_number("-0.0") == gsm8k_number("0.000") == "0"
+    assert gsm8k_number("-7.25") == "-7.25"
 
 
 # ------------------------------------------------------------------------------ the shaping

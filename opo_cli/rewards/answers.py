@@ -85,7 +85,8 @@ _TEXT_LIST = re.compile(r"^\\(?:text|textbf|mbox)\s*\{([^{}]*,[^{}]*)\}$")
 
 
 def _repeating_decimal(ans: str) -> str:
-    """0.\\overline{3} -> \\frac{1}{3}: math-verify cannot parse repeating decimals."""
+    """0.\\overline{3} -> \\frac{1}{3}: math-verify cannot parse repeating decimals. At most 30
+    digits before the bar: a longer one is left as written (no huge integers from model text)."""
     m = _REPEATING.match(ans)
     if m is None or len(m[2]) + len(m[3]) > 30:
         return ans
@@ -130,14 +131,24 @@ def _clock_time(ans: str) -> str:
 
 
 _HOURS_MINUTES = re.compile(r"^(\d{1,2}):(\d{2})$")
+_TIME_OF_DAY = re.compile(r"^\\text\{(\d{1,2}):(\d{2}) ([ap])\.m\.\}$")  # as _clock_time writes it
+
+
+def _time_of_day(ans: str) -> int | None:
+    """The minutes after midnight of a normalised time of day (\\text{4:30 p.m.}); None if the
+    answer is not one, or not a time (\\text{12:75 p.m.}, which _clock_time leaves as it is)."""
+    m = _TIME_OF_DAY.match(ans)
+    if m is None or int(m[1]) > 12 or int(m[2]) > 59:
+        return None
+    return (int(m[1]) % 12 + 12 * (m[3] == "p")) * 60 + int(m[2])
 
 
 def _times_of_day(ans: str) -> set[int] | None:
     """The minutes after midnight a normalised 4:30 p.m. (one) or a bare 4:30 (4:30 or 16:30)
     can mean; None if the answer is neither."""
-    m = _CLOCK.match(_key(ans[6:-1])) if ans.startswith("\\text{") else None
-    if m is not None:
-        return {(int(m[1]) % 12 + 12 * (m[3].lower() == "p")) * 60 + int(m[2] or 0)}
+    minutes = _time_of_day(ans)
+    if minutes is not None:
+        return {minutes}
     m = _HOURS_MINUTES.match(ans)
     if m is None or int(m[1]) > 23 or int(m[2]) > 59:
         return None
@@ -148,14 +159,10 @@ def _times_of_day(ans: str) -> set[int] | None:
 def _same_time(pred: str, ref: str) -> bool | None:
     """None unless one side is a time of day (4:30 p.m.); then whether the other can be that
     time: 4:30 p.m., 16:30 or a bare 4:30 (the question often says which half of the day)."""
-    if not (_is_time_of_day(pred) or _is_time_of_day(ref)):
+    if _time_of_day(pred) is None and _time_of_day(ref) is None:
         return None
     p, r = _times_of_day(pred), _times_of_day(ref)
     return bool(p and r and p & r)
-
-
-def _is_time_of_day(ans: str) -> bool:
-    return ans.startswith("\\text{") and _CLOCK.match(_key(ans[6:-1])) is not None
 
 
 _DECIMAL = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
@@ -279,8 +286,7 @@ def _plain_number(text: str) -> str | None:
         value = Decimal(numbers[-1].replace(",", ""))
     except InvalidOperation:
         return None
-    text = format(value.normalize(), "f") if value else "0"
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    return format(value.normalize(), "f") if value else "0"  # 1.2E+3 -> 1200; -0 -> 0
 
 
 def gsm8k_gold(gold: str) -> str | None:
