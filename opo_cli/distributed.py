@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from opo_cli.errors import UserError
+from opo_cli.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -174,3 +174,65 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def barrier() -> None:
+    """Every rank waits here for the others (under the process group's timeout)."""
+    all_ok(True)
+
+
+def global_mean(total: float, count: float) -> float:
+    """sum(total) / sum(count) over ranks (count floored at 1): a mean over every rank's items."""
+    t = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=_reduce_device()))
+    return (t[0] / t[1].clamp(min=1.0)).item()
+
+
+def _reduce_device() -> torch.device:
+    return _device() if active() else torch.device("cpu")
+
+
+def cat_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's rows of `t` ((n_r,) or (n_r, w_r)), in rank order, and where this rank's
+    rows start. Rows are counted and, for 2-D tensors, right-padded with zeros to the widest
+    rank's width; unchanged (and 0) at world size 1."""
+    if not active():
+        return t, 0
+    shapes = gather_objects(tuple(t.shape))
+    rows = max(s[0] for s in shapes)
+    pad = [0, max(s[1] for s in shapes) - t.shape[1]] if t.dim() == 2 else []
+    full = torch.nn.functional.pad(t, [*pad, 0, rows - t.shape[0]])  # (rows, W) or (rows,)
+    parts = [torch.empty_like(full) for _ in shapes]
+    dist.all_gather(parts, full.contiguous())
+    start = sum(s[0] for s in shapes[: dist.get_rank()])
+    return torch.cat([p[: s[0]] for p, s in zip(parts, shapes, strict=True)]), start
+
+
+def agreed(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on every rank, failing on every rank when it fails on any.
+
+    The rank that failed raises its own error; the others raise the same `UserError` type
+    (a `RewardError` stays one, so every rank takes the same path) naming that rank and its
+    first line. No rank goes on to a collective the failed one never reaches.
+    """
+    try:
+        out, err = fn(*args, **kwargs), None
+    except Exception as e:  # every error is voted on, then raised again
+        out, err = None, e
+    report = (
+        None
+        if err is None
+        else (type(err) if isinstance(err, UserError) else UserError, first_line(err))
+    )
+    reports = gather_objects(report)
+    if err is not None:
+        raise err
+    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if failed:
+        rank, (kind, line) = failed[0]
+        raise kind(f"rank {rank} failed: {line}")
+    return out
+
+
+def agreed_signal(signum: int | None) -> int | None:
+    """The first stop signal any rank received (None: none did), the same on every rank."""
+    return next((s for s in gather_objects(signum) if s is not None), None)
