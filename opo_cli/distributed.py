@@ -233,6 +233,15 @@ def agreed(fn, *args, **kwargs):
     return out
 
 
+def lost_ranks(e: BaseException) -> bool:
+    """A collective that failed: it timed out, or a peer is gone (gloo raises a plain
+    RuntimeError naming itself, NCCL and the store a `DistError`)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and ("gloo" in text or "Timed out" in text)
+    )
+
+
 def agreed_signal(signum: int | None) -> int | None:
     """The first stop signal any rank received (None: none did), the same on every rank."""
     return next((s for s in gather_objects(signum) if s is not None), None)

@@ -34,7 +34,7 @@ from opo_cli.checkpoint import (
 from opo_cli.completions import PromptMatcher
 from opo_cli.config import TrainSettings, validate_eval, validate_lora, validate_train
 from opo_cli.data import Problem, PromptSampler, formatted_problems, load_problems
-from opo_cli.errors import UserError
+from opo_cli.errors import UserError, first_line
 from opo_cli.evaluate import check_held_out, held_out_metrics
 from opo_cli.lora import AdapterOff, add_adapter, save_final
 from opo_cli.losses import ROW_SEPARABLE, LossInputs, get_loss
@@ -567,6 +567,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     console.quiet = not d.is_main  # one console: rank 0's
     try:
         return train_run(cfg, run_dir, s, ev, rank_device)
+    except Exception as e:
+        if not (d.enabled and distributed.lost_ranks(e)):
+            raise
+        raise UserError(
+            f"rank {d.rank}: the other ranks did not answer within trainer.dist_timeout_s="
+            f"{s.trainer.dist_timeout_s:g}s or are gone (one failed or hangs; its error is "
+            f"above): {first_line(e)}"
+        ) from None
     finally:
         distributed.teardown()
 
