@@ -383,7 +383,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
 
 def check_world(t: TrainerSettings, r: RolloutSettings, lora: LoraSettings | None) -> None:
     """What several processes (torchrun's WORLD_SIZE > 1) need: whole groups per rank and
-    per mini-batch, a sampler each rank can run, an adapter only under DDP."""
+    per mini-batch, CUDA for NCCL, a sampler each rank can run, an adapter only under DDP."""
     from opo_cli.distributed import from_env
 
     world = from_env().world_size
@@ -402,6 +402,14 @@ def check_world(t: TrainerSettings, r: RolloutSettings, lora: LoraSettings | Non
         t.mini_batches,
         f"at most rollout.prompts_per_step / world size ({per_rank}): each rank's share of "
         "a mini-batch holds whole groups",
+    )
+    import torch
+
+    _require(
+        t.device != "cuda" or torch.cuda.is_available(),
+        "trainer.device",
+        t.device,
+        "auto or cpu: several processes on cuda use NCCL, and this machine has no CUDA device",
     )
     _require(
         r.backend != "vllm",

@@ -21,7 +21,7 @@ from opo_cli.advantages import uniform_groups
 from opo_cli.backends import Backend, BackendOptions, open_backend
 from opo_cli.config import RolloutSettings
 from opo_cli.data import Problem, PromptSampler
-from opo_cli.distributed import all_ok, all_reduce_sum, cat_rows, gather_objects
+from opo_cli.distributed import agreed, all_ok, all_reduce_sum, cat_rows, gather_objects
 from opo_cli.generation import stop_token_ids
 from opo_cli.rewards import Reward, build_reward, overlong_penalties
 from opo_cli.sampling import keeps_sampling_logps
@@ -352,7 +352,9 @@ def sample_batch(
 
     def draw(k: int) -> Rollout:  # k: this rank's prompts, of k * world drawn
         picked = [problems[i] for i in sampler.next(k * world)[rank * k : (rank + 1) * k]]
-        return draw_scored(model, tok, picked, reward_fn, r, backend)
+        # a reward (or generation) failing on one rank fails every rank here, before the
+        # collectives that follow: no rank is left waiting in one
+        return agreed(draw_scored, model, tok, picked, reward_fn, r, backend)
 
     prompts = r.prompts_per_step // world
     if r.dynamic_sampling:

@@ -314,8 +314,7 @@ def train_step(policy, opt, sched, sampler, problems, reward_fn, s: TrainSetting
     t0 = time.perf_counter()
     d = distributed.from_env()
     with full_weights(policy.model):  # FSDP2: gathered once, no collective while decoding
-        rollout, sample_stats = distributed.agreed(  # a reward failing on one rank stops all
-            sample_batch,
+        rollout, sample_stats = sample_batch(
             policy.model,
             policy.tok,
             sampler,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,10 +20,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from opo_cli import config
+from opo_cli.config import ConfigError, validate_train
 from opo_cli.losses import LOSSES
 from opo_cli.parallel import SHARDS_DIR
 from opo_cli.tracking import read_metrics
-from tests.conftest import OPO, TINY
+from tests.conftest import OPO, TINY, compose_config
 
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -154,9 +155,11 @@ def child_with_rank(launcher: int, rank: int, timeout_s: float = 60) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank in /proc")
-def test_sigterm_to_one_rank_stops_both_and_the_rerun_ends_as_uninterrupted(runs, tmp_path, cache):
-    run = tmp_path / "run"
-    proc = start(opo_train(run, "trainer.strategy=ddp"), tmp_path, cache)
+def test_sigterm_to_one_rank_stops_both_and_the_sharded_checkpoint_resumes_exactly(
+    runs, tmp_path, cache
+):
+    run, command = tmp_path / "run", opo_train(tmp_path / "run", "trainer.strategy=fsdp2")
+    proc = start(command, tmp_path, cache)
     deadline = time.monotonic() + 180
     while len(read_metrics(run / "metrics.jsonl")) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, "no 2 steps in time"
@@ -166,22 +169,11 @@ def test_sigterm_to_one_rank_stops_both_and_the_rerun_ends_as_uninterrupted(runs
     done = len(read_metrics(run / "metrics.jsonl"))
     assert code != 0 and 2 <= done < STEPS, log[-3000:]
     stopped = [line for line in log.splitlines() if line.startswith("opo: interrupted by SIGTERM")]
-    assert len(stopped) == 2 and all(f"after step {done}/{STEPS}" in s for s in stopped), log
-    code, log = torchrun(opo_train(run, "trainer.strategy=ddp"), tmp_path, cache)
+    assert stopped and all(f"after step {done}/{STEPS}" in s for s in stopped), log
+    assert (run / "checkpoints" / f"step_{done}" / SHARDS_DIR).is_dir()
+    code, log = torchrun(command, tmp_path, cache)
     assert code == 0, log[-3000:]
-    same_metrics(read_metrics(run / "metrics.jsonl"), read_metrics(runs["ddp"] / "metrics.jsonl"))
-
-
-def test_a_sharded_fsdp2_checkpoint_resumes_exactly(runs, tmp_path, cache):
-    run = tmp_path / "run"
-    shutil.copytree(runs["fsdp2"], run)
-    step = STEPS - 2
-    assert (run / "checkpoints" / f"step_{step}" / SHARDS_DIR).is_dir()
-    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
-    shutil.rmtree(run / "final")
-    code, log = torchrun(opo_train(run, "trainer.strategy=fsdp2"), tmp_path, cache)
-    assert code == 0, log[-3000:]
-    assert f"(step {step})" in log
+    assert f"(step {done})" in log
     same_metrics(read_metrics(run / "metrics.jsonl"), read_metrics(runs["fsdp2"] / "metrics.jsonl"))
     resumed, whole = (
         AutoModelForCausalLM.from_pretrained(r / "final") for r in (run, runs["fsdp2"])
@@ -194,32 +186,87 @@ def error_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if line.startswith("opo: error: ")]
 
 
-def assert_one_line_per_rank(code: int, log: str, *words: str) -> None:
+BAD = {  # what each rank is given -> the words its one error line must hold
+    "prompts": (["rollout.prompts_per_step=3"], ["prompts_per_step=3", "multiple of the world"]),
+    "nccl": (["trainer.device=cuda"], ["CUDA"]),
+    "model": (["model.name_or_path=MODELS/rank${oc.env:LOCAL_RANK}"], ["cannot load", "rank1"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_launches(tmp_path_factory, cache, model_and_tok) -> dict[str, tuple[int, str]]:
+    """Every bad input at once (each ends before training); rank 1's model is no model."""
+    root = tmp_path_factory.mktemp("bad")
+    model, tok = model_and_tok
+    model.save_pretrained(root / "rank0")
+    tok.save_pretrained(root / "rank0")
+    (root / "rank1").mkdir()
+    (root / "rank1" / "config.json").write_text("{not json")
+    procs = {}
+    for name, (overrides, _) in BAD.items():
+        given = [o.replace("MODELS", str(root)) for o in overrides]
+        procs[name] = start(opo_train(root / name, *given), root, cache)
+    return {name: finish(proc, 180) for name, proc in procs.items()}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_ends_every_rank_in_one_line(bad_launches, name):
+    if name == "nccl" and torch.cuda.is_available():
+        pytest.skip("NCCL works here")
+    code, log = bad_launches[name]
     lines = error_lines(log)
     assert code != 0 and len(lines) == 2, log[-3000:]
-    assert all(w in line for w in words for line in lines), lines
+    assert all(w in line for w in BAD[name][1] for line in lines), lines
     assert not re.search(r'File ".*opo_cli', log)  # no traceback of ours (torchrun has its own)
+    if name == "model":
+        assert sum("rank 1 failed" in line for line in lines) == 1  # rank 0's line
 
 
-def test_prompts_not_a_multiple_of_the_world_size_end_both_ranks_in_one_line(tmp_path, cache):
-    code, log = torchrun(
-        opo_train(tmp_path / "run", "rollout.prompts_per_step=3"), tmp_path, cache, 120
-    )
-    assert_one_line_per_rank(code, log, "rollout.prompts_per_step=3", "multiple of the world size")
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["rollout.prompts_per_step=6"], "a multiple of the world size (4)"),
+        (
+            ["rollout.prompts_per_step=4", "trainer.mini_batches=2"],
+            "at most rollout.prompts_per_step / world size (1)",
+        ),
+        (
+            ["rollout.prompts_per_step=8", "rollout.backend=vllm"],
+            "a vLLM engine per rank is not built",
+        ),
+        (
+            ["rollout.prompts_per_step=8", "model.lora.r=4", "trainer.strategy=fsdp2"],
+            "FSDP2 does not shard a PEFT adapter",
+        ),
+    ],
+)
+def test_what_several_ranks_cannot_run_is_refused_in_one_line(monkeypatch, overrides, words):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what torchrun sets; no process group is needed
+    monkeypatch.setattr(config, "require_vllm", lambda: None)  # vLLM need not be installed
+    with pytest.raises(ConfigError) as refused:
+        validate_train(compose_config("train", overrides))
+    assert words in str(refused.value) and "\n" not in str(refused.value)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="NCCL works here")
-def test_nccl_without_cuda_ends_both_ranks_in_one_line(tmp_path, cache):
-    code, log = torchrun(opo_train(tmp_path / "run", "trainer.device=cuda"), tmp_path, cache, 120)
-    assert_one_line_per_rank(code, log, "CUDA")
+SLOW_ON_RANK_1 = """
+import os, time
 
 
-def test_one_rank_failing_to_load_the_model_ends_both_in_one_line(runs, tmp_path, cache):
-    good, bad = tmp_path / "rank0", tmp_path / "rank1"
-    shutil.copytree(runs["ddp"] / "final", good)
-    bad.mkdir()
-    (bad / "config.json").write_text("{not json")
-    model = f"model.name_or_path={tmp_path}/rank${{oc.env:LOCAL_RANK}}"
-    code, log = torchrun(opo_train(tmp_path / "run", model), tmp_path, cache, 120)
-    assert_one_line_per_rank(code, log, "cannot load model", "rank1")
-    assert sum("rank 1 failed" in line for line in error_lines(log)) == 1  # rank 0's line
+def score(responses, answers, **columns):
+    if os.environ.get("RANK") == "1" and any(responses):  # training batches, not the probe
+        time.sleep(60)
+    return [0.0] * len(responses)
+"""
+
+
+@pytest.mark.slow  # a rank stuck for a minute, the other timing out after 5 s
+def test_a_rank_stuck_past_dist_timeout_ends_the_run_in_one_line(tmp_path, cache):
+    reward = tmp_path / "slow.py"
+    reward.write_text(SLOW_ON_RANK_1)
+    overrides = ["trainer.dist_timeout_s=5", f"dataset.reward=[exact_match,{reward}:score]"]
+    code, log = torchrun(opo_train(tmp_path / "run", *overrides), tmp_path, cache, 200)
+    lines = error_lines(log)
+    assert code != 0 and lines, log[-3000:]
+    assert lines[0].startswith(
+        "opo: error: rank 0: the other ranks did not answer within trainer.dist_timeout_s=5s"
+    ), lines
