@@ -7,7 +7,8 @@ mini-batch (`opo_cli.train.backward_minibatch`) with a different micro-batch cou
 and completions of different widths; rank 0 writes, per case, the largest difference to the
 gradient and loss of one process on the whole batch. Then each rank generates a different
 number of tokens with the weights gathered (`parallel.full_weights`), and the ranks meet in a
-collective afterwards: a hang there fails the launch's timeout.
+collective afterwards: a hang there fails the launch's timeout. Before those, the rollout
+metrics of the two halves against the whole batch's, and DAPO's dynamic-sampling rounds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from opo_cli import distributed
 from opo_cli.logprobs import completion_logps
 from opo_cli.losses import LOSSES, ROW_SEPARABLE, LossInputs
 from opo_cli.parallel import full_weights, shard, trainee
-from opo_cli.rollout import Rollout
+from opo_cli.rollout import Rollout, dynamic_sample, rollout_metrics
 from opo_cli.train import backward_minibatch
 
 P, G, LP, LC = 4, 3, 3, 5  # 4 groups of 3 rows; prompts of 3 tokens, completions up to 5
@@ -157,11 +158,50 @@ def generation_case(base, strategy: str, rank: int) -> int:
     return out.shape[1] - ids.shape[1]
 
 
+def metrics_case(rank: int) -> dict[str, float]:
+    """`rollout_metrics` of each rank's half, against the same numbers of the whole batch
+    taken by hand: the logged metrics are global, not rank 0's share."""
+    rollout, _, _ = global_batch()
+    whole = {
+        "train/reward_mean": rollout.rewards.mean().item(),
+        "train/reward_std": rollout.rewards.std().item(),
+        "train/response_len_mean": rollout.completion_mask.sum(-1).mean().item(),
+    }
+    got = rollout_metrics(rollout.rows(torch.arange(rank * 6, rank * 6 + 6)))
+    return {k: abs(got[k] - v) for k, v in whole.items()}
+
+
+def dynamic_sampling_case(rank: int) -> dict[str, float]:
+    """DAPO's rounds agreed: rank 0's first draw is all informative, rank 1's first draw is
+    all uniform and its second informative; both must draw twice. Returns rank 0's stats."""
+    rounds = []
+
+    def draw(k: int) -> Rollout:
+        rounds.append(k)
+        informative = rank == 0 or len(rounds) > 1
+        rewards = torch.tensor([0.0, 1.0] * k if informative else [1.0, 1.0] * k)
+        return Rollout(
+            input_ids=torch.ones(2 * k, 2, dtype=torch.long),
+            attention_mask=torch.ones(2 * k, 2, dtype=torch.long),
+            completion_mask=torch.ones(2 * k, 1),
+            truncated=torch.zeros(2 * k, dtype=torch.bool),
+            rewards=rewards,
+            texts=[""] * 2 * k,
+            group_size=2,
+        )
+
+    _, _, stats = dynamic_sample(draw, prompts=2, max_extra_rounds=3, pad_id=0)
+    return {"rounds": len(rounds), **stats}
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     base = tiny_model()
-    results = {}
+    results = {
+        "metrics": distributed.gather_objects(metrics_case(rank)),
+        "dynamic_sampling": distributed.gather_objects(dynamic_sampling_case(rank)),
+    }
     for strategy in ("ddp", "fsdp2"):
         for name in LOSSES:
             results[f"{strategy}/{name}"] = gradient_case(base, strategy, name, rank)

@@ -114,6 +114,11 @@ def test_every_loss_gradient_on_two_ranks_is_the_one_process_gradient(tmp_path, 
             assert r["loss_diff"] < 1e-6, (strategy, name, r)
         # rank 0 decoded 2 tokens, rank 1 seven, and both reached the collective after
         assert results[f"{strategy}/generated"] == [2, 7]
+    for rank in results["metrics"]:  # global rollout metrics on every rank
+        assert max(rank.values()) < 1e-6, results["metrics"]
+    # rank 1 needed a second round, so rank 0 drew one too; rank 1's 2 uniform groups dropped
+    expected = {"rounds": 2, "train/dropped_groups": 2.0, "train/extra_rounds": 1.0}
+    assert results["dynamic_sampling"] == [expected, expected]
 
 
 def test_a_two_rank_run_trains_and_rank_0_alone_writes(runs, cache):
