@@ -15,7 +15,8 @@ FSDP2 (`fully_shard` on each decoder layer, then the root) gathers its parameter
 forward, a collective: ranks must run the same forwards. So no-grad passes (generation,
 pi_old and reference log-probs) run inside `full_weights` (gathered once, no collectives
 inside, ranks may decode different lengths), and the micro-batch passes that train are
-padded to the same count on every rank (`padded_parts`).
+padded to the same count on every rank (`padded_parts`). Ranks other than 0 may build the
+model on the meta device: `shard` fills their shards from rank 0's weights.
 """
 
 from __future__ import annotations
@@ -49,12 +50,32 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2 in place: each decoder layer its own unit, the rest (embeddings, head) the root's."""
+def shard(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
+    """FSDP2 in place: each decoder layer its own unit, the rest (embeddings, head) the root's.
+
+    When the model is on the meta device on some ranks (all but rank 0 load no weights:
+    `models.load_policy(weights=False)`), those ranks allocate their shards on `device` and
+    every rank's shards are filled from rank 0's weights, its buffers broadcast as they are.
+    """
+    empty = distributed.any_true(is_meta(model))
+    full = model.state_dict() if empty and dist.get_rank() == 0 else None  # before sharding
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
+    if empty:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if is_meta(model):
+            model.to_empty(device=device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full or {}, options=options)
+        for buffer in model.buffers():  # not in a state dict when non-persistent (RoPE's)
+            dist.broadcast(buffer, src=0)
     return model
+
+
+def is_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def trainee(model: torch.nn.Module, strategy: str) -> torch.nn.Module:

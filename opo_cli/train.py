@@ -80,13 +80,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def distribute(policy: Policy, strategy: str) -> Policy:
+def distribute(policy: Policy, strategy: str, device) -> Policy:
     """The policy ready for `strategy`: FSDP2 shards it (and a reference model) in place,
-    DDP wraps it for the training forwards (and broadcasts rank 0's weights)."""
+    filling the shards of ranks that loaded no weights from rank 0's; DDP wraps it for the
+    training forwards (and broadcasts rank 0's weights)."""
     if strategy == "fsdp2":
-        shard(policy.model)
+        shard(policy.model, device)
         if isinstance(policy.ref, torch.nn.Module):
-            shard(policy.ref)
+            shard(policy.ref, device)
     policy.trainee = trainee(policy.model, strategy)
     policy.strategy = strategy
     return policy
@@ -99,11 +100,15 @@ def initial_model_path(cfg: DictConfig, problems: list[Problem]) -> str:
     return str(tiny_model_dir(cfg.model, cfg.dataset, problems))
 
 
-def load_models(cfg: DictConfig, start: str, initial: str, device, dtype) -> Policy:
+def load_models(
+    cfg: DictConfig, start: str, initial: str, device, dtype, weights: bool = True
+) -> Policy:
+    """The policy (and reference) from `start`; `weights=False`: built on the meta device."""
     trust = bool(cfg.model.trust_remote_code)
     lora = validate_lora(cfg)  # the base model loads, then the adapter (new, or saved in start)
     path = initial if lora else start
-    model, tok = load_policy(path, device=device, dtype=dtype, trust_remote_code=trust)
+    load = {"device": device, "dtype": dtype, "trust_remote_code": trust, "weights": weights}
+    model, tok = load_policy(path, **load)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if lora:
@@ -112,7 +117,7 @@ def load_models(cfg: DictConfig, start: str, initial: str, device, dtype) -> Pol
         return Policy(adapter.get_base_model(), tok, ref, adapter)
     ref = None
     if cfg.method.reference:
-        ref, _ = load_policy(initial, device=device, dtype=dtype, trust_remote_code=trust)
+        ref, _ = load_policy(initial, **load)
         ref.eval().requires_grad_(False)
     return Policy(model, tok, ref)
 
@@ -390,8 +395,9 @@ def fresh_state(
 ):
     """Policy loaded from `start` and set up for `strategy`, new optimizer and sampler over
     `n` problems, step 0. A rank that cannot load the model stops every rank."""
-    policy = distributed.agreed(load_models, cfg, start, initial, device, dtype)
-    distribute(policy, strategy)
+    weights = strategy != "fsdp2" or distributed.from_env().is_main  # FSDP2: rank 0 reads
+    policy = distributed.agreed(load_models, cfg, start, initial, device, dtype, weights)
+    distribute(policy, strategy, device)
     opt, sched = make_optimizer(policy.model, s)
     seed_everything(s.seed)  # after loading: model construction may draw random numbers
     return RunState(policy, opt, sched, PromptSampler(n, s.seed), 0)
