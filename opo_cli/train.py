@@ -412,15 +412,15 @@ def resumed_state(
 ):
     """The state saved in checkpoint `folder`; a damaged file raises (of any type).
 
-    FSDP2 checkpoints hold the model and optimizer as shards (`parallel.load_sharded`), the
-    others as a model folder and `optimizer.pt`. Each rank takes its own saved RNG state;
-    at another world size the ranks are reseeded (the sampler state is the same anyway)."""
+    FSDP2 checkpoints hold the model and optimizer as shards (`parallel.load_sharded`, which
+    reshards them to any world size and strategy), the others as a model folder and
+    `optimizer.pt`. Each rank takes its own saved RNG state; at another world size the ranks
+    are reseeded (the sampler state is the same anyway)."""
     sharded = is_sharded(folder)
-    if sharded != (strategy == "fsdp2"):
-        written = "fsdp2" if sharded else "ddp or a single process"
+    if strategy == "fsdp2" and not sharded:
         raise StrategyMismatch(
-            f"checkpoint {folder} was written with trainer.strategy={written}: resume with "
-            "that, or set trainer.resume=never to start over"
+            f"checkpoint {folder} was written by one process or under DDP: resume it with "
+            "trainer.strategy=ddp, or set trainer.resume=never to start over"
         )
     state = fresh_state(
         cfg, s, initial if sharded else str(folder), initial, device, dtype, n, strategy
