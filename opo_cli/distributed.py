@@ -8,6 +8,7 @@ Everything here is a no-op at world size 1, so the single-process path never bra
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 from dataclasses import dataclass
@@ -122,7 +123,10 @@ def setup(device_name: str, timeout_s: float) -> tuple[Dist, torch.device | None
 
 
 def teardown() -> None:
+    """Leave the process group. Objects that hold it (DDP's reducer, FSDP2's state) are
+    collected first: one freed after it aborts the process at exit."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

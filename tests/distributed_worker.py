@@ -210,7 +210,7 @@ def main(out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
-    dist.destroy_process_group()
+    distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from opo_cli.config import ConfigError, validate_train
 from opo_cli.losses import LOSSES
 from opo_cli.parallel import SHARDS_DIR
 from opo_cli.tracking import read_metrics
+from opo_cli.train import train
 from tests.conftest import OPO, TINY, compose_config
 
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -184,6 +186,18 @@ def test_sigterm_to_one_rank_stops_both_and_the_sharded_checkpoint_resumes_exact
         AutoModelForCausalLM.from_pretrained(r / "final") for r in (run, runs["fsdp2"])
     )
     for a, b in zip(resumed.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_sharded_checkpoint_loads_exactly_in_one_process(runs, tmp_path, cache, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["fsdp2"], run)
+    shutil.rmtree(run / "final")  # resumed at the last step: final/ is what the shards hold
+    train(compose_config("train", [*RUN, "logger=none", f"model.cache_dir={cache}"]), run)
+    err = capsys.readouterr().err
+    assert f"(step {STEPS})" in err and "saved at another world size" in err
+    one, two = (AutoModelForCausalLM.from_pretrained(r / "final") for r in (run, runs["fsdp2"]))
+    for a, b in zip(one.parameters(), two.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
