@@ -84,6 +84,14 @@ def same_metrics(a: list[dict], b: list[dict]) -> None:
     assert strip[0] == strip[1]
 
 
+def opo_lines(log: str, prefix: str = "opo: error: ") -> list[str]:
+    """The lines `prefix` starts, each rank's; two ranks writing to one pipe at once may
+    join their lines (print writes the newline apart), so each occurrence starts one."""
+    return [
+        line for line in log.replace(prefix, "\n" + prefix).splitlines() if line.startswith(prefix)
+    ]
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """This module's tiny-model cache: the one model the runs start from."""
@@ -175,7 +183,7 @@ def test_sigterm_to_one_rank_stops_both_and_the_sharded_checkpoint_resumes_exact
     code, log = finish(proc, 120)
     done = len(read_metrics(run / "metrics.jsonl"))
     assert code != 0 and 2 <= done < STEPS, log[-3000:]
-    stopped = [line for line in log.splitlines() if line.startswith("opo: interrupted by SIGTERM")]
+    stopped = opo_lines(log, "opo: interrupted by SIGTERM")
     assert stopped and all(f"after step {done}/{STEPS}" in s for s in stopped), log
     assert (run / "checkpoints" / f"step_{done}" / SHARDS_DIR).is_dir()
     code, log = torchrun(command, tmp_path, cache)
@@ -199,10 +207,6 @@ def test_a_sharded_checkpoint_loads_exactly_in_one_process(runs, tmp_path, cache
     one, two = (AutoModelForCausalLM.from_pretrained(r / "final") for r in (run, runs["fsdp2"]))
     for a, b in zip(one.parameters(), two.parameters(), strict=True):
         assert torch.equal(a, b)
-
-
-def error_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if line.startswith("opo: error: ")]
 
 
 BAD = {  # what each rank is given -> the words its one error line must hold
@@ -233,7 +237,7 @@ def test_bad_input_ends_every_rank_in_one_line(bad_launches, name):
     if name == "nccl" and torch.cuda.is_available():
         pytest.skip("NCCL works here")
     code, log = bad_launches[name]
-    lines = error_lines(log)
+    lines = opo_lines(log)
     assert code != 0 and len(lines) == 2, log[-3000:]
     assert all(w in line for w in BAD[name][1] for line in lines), lines
     assert not re.search(r'File ".*opo_cli', log)  # no traceback of ours (torchrun has its own)
@@ -284,7 +288,7 @@ def test_a_rank_stuck_past_dist_timeout_ends_the_run_in_one_line(tmp_path, cache
     reward.write_text(SLOW_ON_RANK_1)
     overrides = ["trainer.dist_timeout_s=5", f"dataset.reward=[exact_match,{reward}:score]"]
     code, log = torchrun(opo_train(tmp_path / "run", *overrides), tmp_path, cache, 200)
-    lines = error_lines(log)
+    lines = opo_lines(log)
     assert code != 0 and lines, log[-3000:]
     assert lines[0].startswith(
         "opo: error: rank 0: the other ranks did not answer within trainer.dist_timeout_s=5s"
