@@ -96,6 +96,8 @@ class TrainerSettings:
     dtype: str
     log_every: int
     max_bad_steps: int  # stop after this many all-skipped steps in a row; 0: never
+    strategy: str = "auto"  # several processes: auto (ddp), ddp or fsdp2 (opo_cli.parallel)
+    dist_timeout_s: float = 300.0  # a collective waiting longer than this fails the run
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,8 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         dtype=_choice(cfg, "trainer.dtype", ("auto", "float32", "bfloat16")),
         log_every=_int(cfg, "trainer.log_every", 1),
         max_bad_steps=_int(cfg, "trainer.max_bad_steps", 0),
+        strategy=_choice(cfg, "trainer.strategy", ("auto", "ddp", "fsdp2")),
+        dist_timeout_s=_float(cfg, "trainer.dist_timeout_s", 0.0, inf, open_low=True),
     )
     rollout = RolloutSettings(
         prompts_per_step=_int(cfg, "rollout.prompts_per_step", 1),
@@ -359,6 +363,7 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
     alpha, mu = _float(cfg, "alpha", 0.0, 1.0), _float(cfg, "mu", 0.0, inf, open_low=True)
     seed = _int(cfg, "seed", 0)
     lora = validate_lora(cfg)
+    check_world(trainer, rollout, lora)
     _require(
         lora is None or rollout.backend != "vllm",
         "model.lora.r",
@@ -383,6 +388,50 @@ def validate_train(cfg: DictConfig) -> TrainSettings:
         trainer=trainer,
         rollout=rollout,
         lora=lora,
+    )
+
+
+def check_world(t: TrainerSettings, r: RolloutSettings, lora: LoraSettings | None) -> None:
+    """What several processes (torchrun's WORLD_SIZE > 1) need: whole groups per rank and
+    per mini-batch, CUDA for NCCL, a sampler each rank can run, an adapter only under DDP."""
+    from opo_cli.distributed import from_env
+
+    world = from_env().world_size
+    if world == 1:
+        return
+    per_rank = r.prompts_per_step // world
+    _require(
+        r.prompts_per_step % world == 0,
+        "rollout.prompts_per_step",
+        r.prompts_per_step,
+        f"a multiple of the world size ({world}): each rank samples whole groups",
+    )
+    _require(
+        t.mini_batches <= per_rank,
+        "trainer.mini_batches",
+        t.mini_batches,
+        f"at most rollout.prompts_per_step / world size ({per_rank}): each rank's share of "
+        "a mini-batch holds whole groups",
+    )
+    import torch
+
+    _require(
+        t.device != "cuda" or torch.cuda.is_available(),
+        "trainer.device",
+        t.device,
+        "auto or cpu: several processes on cuda use NCCL, and this machine has no CUDA device",
+    )
+    _require(
+        r.backend != "vllm",
+        "rollout.backend",
+        r.backend,
+        f"hf or opo with {world} processes (a vLLM engine per rank is not built yet)",
+    )
+    _require(
+        lora is None or t.strategy != "fsdp2",
+        "trainer.strategy",
+        t.strategy,
+        "ddp or auto with LoRA (model.lora.r): FSDP2 does not shard a PEFT adapter here",
     )
 
 

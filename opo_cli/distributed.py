@@ -9,6 +9,7 @@ Everything here is a no-op at world size 1, so the single-process path never bra
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import re
 import subprocess
@@ -18,7 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from opo_cli.errors import UserError
+from opo_cli.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,10 @@ def cuda_index(local_rank: int, visible: int | None = None) -> int:
 
 
 def teardown() -> None:
+    """Leave the process group. Objects that hold it (DDP's reducer, FSDP2's state) are
+    collected first: one freed after it aborts the process at exit."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -223,6 +227,49 @@ def gather_objects(obj) -> list:
     return out
 
 
+def barrier() -> None:
+    """Every rank waits here for the others (under the process group's timeout)."""
+    all_ok(True)
+
+
+def global_mean(total: float, count: float) -> float:
+    """sum(total) / sum(count) over ranks (count floored at 1): a mean over every rank's items."""
+    t = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=_reduce_device()))
+    return (t[0] / t[1].clamp(min=1.0)).item()
+
+
+def _reduce_device() -> torch.device:
+    return _device() if active() else torch.device("cpu")
+
+
+def cat_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's rows of `t` ((n_r,) or (n_r, w_r)), in rank order, and where this rank's
+    rows start. Rows are counted and, for 2-D tensors, right-padded with zeros to the widest
+    rank's width; unchanged (and 0) at world size 1."""
+    if not active():
+        return t, 0
+    shapes = gather_objects(tuple(t.shape))
+    rows = max(s[0] for s in shapes)
+    pad = [0, max(s[1] for s in shapes) - t.shape[1]] if t.dim() == 2 else []
+    full = torch.nn.functional.pad(t, [*pad, 0, rows - t.shape[0]])  # (rows, W) or (rows,)
+    parts = [torch.empty_like(full) for _ in shapes]
+    dist.all_gather(parts, full.contiguous())
+    start = sum(s[0] for s in shapes[: dist.get_rank()])
+    return torch.cat([p[: s[0]] for p, s in zip(parts, shapes, strict=True)]), start
+
+
+def _failures(error: BaseException | None) -> list[tuple[int, type, str]]:
+    """Every rank's failure, (rank, UserError type, first line), in rank order; [] when none
+    failed. A `UserError` subclass (`RewardError`) keeps its type, so every rank can take the
+    same path; any other error is reported as a `UserError`."""
+    report = None
+    if error is not None:
+        kind = type(error) if isinstance(error, UserError) else UserError
+        report = (kind, first_line(error))
+    reports = gather_objects(report)
+    return [(rank, *r) for rank, r in enumerate(reports) if r is not None]
+
+
 class PeerFailed(Exception):
     """Another rank failed and reports why; this one stops without a message of its own."""
 
@@ -233,10 +280,44 @@ def agree(error: BaseException | None) -> None:
 
     Every rank calls it at the same point, with the error of the work it just did (or None).
     """
-    if all_ok(error is None):
+    failed = _failures(error)
+    if not failed:
         return
-    failed = gather_objects(error is not None)
-    first = failed.index(True)
+    first = failed[0][0]
     if (dist.get_rank() if active() else 0) == first:
         raise error
     raise PeerFailed(f"rank {first} failed")
+
+
+def agreed(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on every rank, failing on every rank when it fails on any.
+
+    The rank that failed raises its own error; the others raise the same `UserError` type
+    naming that rank and its first line. No rank goes on to a collective the failed one
+    never reaches.
+    """
+    try:
+        out, err = fn(*args, **kwargs), None
+    except Exception as e:  # every error is voted on, then raised again
+        out, err = None, e
+    failed = _failures(err)
+    if err is not None:
+        raise err
+    if failed:
+        rank, kind, line = failed[0]
+        raise kind(f"rank {rank} failed: {line}")
+    return out
+
+
+def lost_ranks(e: BaseException) -> bool:
+    """A collective that failed: it timed out, or a peer is gone (gloo raises a plain
+    RuntimeError naming itself, NCCL and the store a `DistError`)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and ("gloo" in text or "Timed out" in text)
+    )
+
+
+def agreed_signal(signum: int | None) -> int | None:
+    """The first stop signal any rank received (None: none did), the same on every rank."""
+    return next((s for s in gather_objects(signum) if s is not None), None)

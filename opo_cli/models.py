@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import track
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -54,12 +55,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_policy(
-    name_or_path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+    name_or_path: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    weights: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer from a hub id or a local folder, ready for left padding.
 
     A LoRA adapter folder (`adapter_config.json`, no `config.json`: a LoRA run's checkpoint
-    or `final/adapter/`) loads as its base model with the adapter merged in.
+    or `final/adapter/`) loads as its base model with the adapter merged in. `weights=False`:
+    the model built from its config on the meta device, no memory and no file read (FSDP2's
+    ranks other than 0, which receive their shards from rank 0: `opo_cli.parallel`).
     """
     local = Path(name_or_path).expanduser()
     if looks_local(name_or_path) and not local.is_dir():
@@ -70,9 +78,16 @@ def load_policy(
             base if base and not (local / "tokenizer_config.json").is_file() else name_or_path,
             trust_remote_code=trust_remote_code,
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            base or name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        if weights or base:
+            model = AutoModelForCausalLM.from_pretrained(
+                base or name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        else:
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(
+                    config, dtype=dtype, trust_remote_code=trust_remote_code
+                )
         if base:
             model = merged_adapter(model, local)
     except (OSError, ValueError) as e:
@@ -85,7 +100,7 @@ def load_policy(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(device), tok
+    return (model.to(device) if weights or base else model), tok
 
 
 def adapter_base(folder: Path) -> str | None:

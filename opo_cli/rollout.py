@@ -21,6 +21,7 @@ from opo_cli.advantages import uniform_groups
 from opo_cli.backends import Backend, BackendOptions, open_backend
 from opo_cli.config import RolloutSettings
 from opo_cli.data import Problem, PromptSampler
+from opo_cli.distributed import agreed, all_ok, all_reduce_sum, cat_rows, gather_objects
 from opo_cli.generation import stop_token_ids
 from opo_cli.rewards import Reward, build_reward, overlong_penalties
 from opo_cli.sampling import keeps_sampling_logps
@@ -207,20 +208,23 @@ def dynamic_sample(
     the bound is hit first, the batch is filled up with uniform groups (in the order drawn) so
     that it always holds `prompts` groups; they carry a zero advantage in the GRPO family.
     Returns (batch, every row drawn, stats): `train/dropped_groups` counts the uniform groups
-    left out, `train/extra_rounds` the rounds beyond the first.
+    left out, `train/extra_rounds` the rounds beyond the first. On several processes each
+    rank draws its own share (`prompts` is the rank's) and the ranks draw the same number of
+    rounds: another one while any rank lacks informative groups.
     """
     parts = [draw(prompts)]
     G = parts[0].group_size
     informative = int((~uniform_groups(parts[0].rewards, G)).sum())
-    while informative < prompts and len(parts) <= max_extra_rounds:
+    while not all_ok(informative >= prompts) and len(parts) <= max_extra_rounds:
         parts.append(draw(prompts))
         informative += int((~uniform_groups(parts[-1].rewards, G)).sum())
     drawn = concat_rollouts(parts, pad_id)
     uniform = uniform_groups(drawn.rewards, G)  # (K,) bool per group drawn
     keep = torch.cat([(~uniform).nonzero(), uniform.nonzero()]).flatten()[:prompts]  # (P,)
     batch = drawn.rows(group_rows(keep.sort().values, G))
+    dropped = all_reduce_sum(uniform.sum() - uniform[keep].sum())  # () over every rank
     stats = {
-        "train/dropped_groups": float(uniform.sum()) - float(uniform[keep].sum()),
+        "train/dropped_groups": float(dropped),
         "train/extra_rounds": float(len(parts) - 1),
     }
     return batch, drawn, stats
@@ -230,15 +234,17 @@ def dynamic_sample(
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
-    """Reward, length and truncation of the completions in `rollout`."""
-    r = rollout.rewards
-    lengths = rollout.completion_mask.sum(-1)  # (N,)
-    parts = rollout.reward_parts or []
+    """Reward, length and truncation of the completions in `rollout`, on several processes
+    of every rank's completions."""
+    r = cat_rows(rollout.rewards)[0]  # (N,) every rank's
+    lengths = cat_rows(rollout.completion_mask.sum(-1))[0]  # (N,)
+    truncated = cat_rows(rollout.truncated.float())[0]  # (N,)
+    parts = [p for rank in gather_objects(rollout.reward_parts or []) for p in rank]
     return {
         "train/reward_mean": r.mean().item(),
         "train/reward_std": r.std().item(),
         "train/response_len_mean": lengths.mean().item(),
-        "train/truncated_frac": rollout.truncated.float().mean().item(),
+        "train/truncated_frac": truncated.mean().item(),
         **{f"reward/{k}": sum(p[k] for p in parts) / len(parts) for k in (parts or [{}])[0]},
     }
 
@@ -326,8 +332,12 @@ def sample_batch(
     reward_fn: RewardFn,
     r: RolloutSettings,
     backend: Backend | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> tuple[Rollout, dict[str, float]]:
     """The step's training batch of `r.prompts_per_step` groups, and its rollout metrics.
+
+    `share` = (rank, world size): every rank draws the same global prompt order from its copy
+    of `sampler` and samples its slice of whole groups, `r.prompts_per_step / world` of them.
 
     Prompts come from `sampler` (indices into `problems`), completions from `backend`
     (`draw_scored`), rewards from `reward_fn`. With
@@ -338,22 +348,28 @@ def sample_batch(
     across methods.
     """
 
-    def draw(k: int) -> Rollout:
-        picked = [problems[i] for i in sampler.next(k)]
-        return draw_scored(model, tok, picked, reward_fn, r, backend)
+    rank, world = share
 
+    def draw(k: int) -> Rollout:  # k: this rank's prompts, of k * world drawn
+        picked = [problems[i] for i in sampler.next(k * world)[rank * k : (rank + 1) * k]]
+        # a reward (or generation) failing on one rank fails every rank here, before the
+        # collectives that follow: no rank is left waiting in one
+        return agreed(draw_scored, model, tok, picked, reward_fn, r, backend)
+
+    prompts = r.prompts_per_step // world
     if r.dynamic_sampling:
         batch, drawn, stats = dynamic_sample(
             draw,
-            prompts=r.prompts_per_step,
+            prompts=prompts,
             max_extra_rounds=r.max_extra_rounds,
             pad_id=tok.pad_token_id,
         )
     else:
-        batch = drawn = draw(r.prompts_per_step)
+        batch = drawn = draw(prompts)
         stats = {"train/dropped_groups": 0.0, "train/extra_rounds": 0.0}
     shaped = shape_overlong(batch, max_len=r.max_new_tokens, buffer=r.overlong_buffer)
-    stats["train/overlong_penalty_mean"] = (shaped.rewards - batch.rewards).mean().item()
+    penalty = cat_rows(shaped.rewards - batch.rewards)[0]  # (N,) every rank's
+    stats["train/overlong_penalty_mean"] = penalty.mean().item()
     if r.mask_truncated:
         shaped = mask_truncated(shaped)
     return shaped, {**rollout_metrics(drawn), **stats}

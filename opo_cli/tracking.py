@@ -233,6 +233,19 @@ class Tracker:
         self.run.finish()
 
 
+class SilentTracker:
+    """A rank other than 0 under torchrun: it logs nothing (rank 0 logs the global metrics)."""
+
+    def log(self, step: int, metrics: dict, rollout=None) -> None:
+        pass
+
+    def eval_answers(self, graded: list) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def format_metrics(metrics: dict) -> str:
     """The compact console summary of a metrics row."""
     parts = []

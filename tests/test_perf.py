@@ -130,9 +130,9 @@ def test_no_gradient_is_held_through_a_rollout(tmp_path, tiny_cache, monkeypatch
     held = []
     sample = T.sample_batch
 
-    def watching(model, *args):
+    def watching(model, *args, **kwargs):
         held.append(sum(p.grad is not None for p in model.parameters()))
-        return sample(model, *args)
+        return sample(model, *args, **kwargs)
 
     monkeypatch.setattr(T, "sample_batch", watching)
     train(compose_train(["trainer.steps=3", "logger=none"], tiny_cache), tmp_path / "run")
