@@ -59,7 +59,7 @@ COMPLETION_FLAGS = ("-sc", "--shell-completion")
 
 def fail(message: str, code: int = 2) -> None:
     """End the program with one clear line on stderr, no traceback."""
-    print(f"opo: error: {message}", file=sys.stderr)
+    sys.stderr.write(f"opo: error: {message}\n")  # one write: ranks on one pipe keep it whole
     sys.exit(code)
 
 
@@ -74,7 +74,7 @@ def fail_alike(message: str, code: int = 2) -> None:
     except UserError:
         main_process = True
     if main_process:
-        print(f"opo: error: {message}", file=sys.stderr)
+        fail(message, code)
     sys.exit(code)
 
 
