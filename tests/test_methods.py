@@ -58,6 +58,7 @@ def test_loss_kwargs_match_the_loss_signature(method):
         (["method=grpo"], False),
         (["method=grpo", "method.loss_kwargs.beta=0.04"], True),
         (["method=dapo"], False),
+        (["method=dapo_paper"], False),
         (["method=gspo"], False),
         (["method=dpo"], True),
     ],
@@ -74,6 +75,19 @@ def test_dapo_is_grpo_plus_its_deltas():
     assert dapo["loss_kwargs"]["beta"] == 0.0 and dapo["reference"] is False
     assert dapo["rollout"]["dynamic_sampling"] and not grpo["rollout"]["dynamic_sampling"]
     assert grpo["rollout"].keys() == dapo["rollout"].keys()
+
+
+def test_dapo_paper_is_dapo_with_clip_low_0_and_no_dynamic_sampling():
+    """DESIGN's notes: the paper's DAPO ran with clip_low 0 and without dynamic sampling."""
+    dapo = OmegaConf.to_container(compose_train("method=dapo").method, resolve=True)
+    paper = OmegaConf.to_container(compose_train("method=dapo_paper").method, resolve=True)
+    changed = {k: v for k, v in paper["loss_kwargs"].items() if dapo["loss_kwargs"][k] != v}
+    assert changed == {"clip_low": 0.0} and paper["loss"] == "dapo"
+    assert paper["rollout"]["dynamic_sampling"] is False
+    assert paper["rollout"]["max_extra_rounds"] == 0
+    rollout_changes = {k for k, v in paper["rollout"].items() if dapo["rollout"][k] != v}
+    assert rollout_changes == {"dynamic_sampling", "max_extra_rounds"}  # overlong shaping kept
+    assert (paper["name"], dapo["name"]) == ("dapo_paper", "dapo")
 
 
 @pytest.mark.parametrize(
