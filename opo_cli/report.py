@@ -4,11 +4,28 @@ A PATH is a run folder (it holds `metrics.jsonl`), a Hydra multirun sweep folder
 folder above them; runs are found recursively. The report goes to `<first PATH>/report/`
 (or `out_dir`):
 
-    summary.csv, summary.md          one row per run (columns in `CSV_COLUMNS`)
-    reward.png, grad_norm.png        EMA-smoothed curves, raw series faint behind
-    heatmap_final_reward.png         alpha x mu grids, when a method has >= 2 of each
-    heatmap_steps_to_threshold.png   (suffixed `_<method>[,k=v...]` when there are several)
+    summary.csv, summary.md          one row per configuration, seeds merged (`SUMMARY_COLUMNS`):
+                                     mean and 95% Student-t half-width over seeds
+    runs.csv                         one row per run (`RUN_COLUMNS`); summary.md lists the
+                                     runs too when a configuration has several seeds
+    reward.png, grad_norm.png        per configuration: EMA-smoothed curve (the mean over seeds,
+                                     a shaded 95% t-band across them), raw series faint behind
+    heatmap_final_reward.png         alpha x mu grids, mean over seeds and n per cell, when a
+    heatmap_steps_to_threshold.png   method has >= 2 of each (suffixed `_<method>[,k=v...]`
+                                     when there are several)
+    claim1_grad_norm.png, ...        the paper's claims, when the runs allow (`report_claims`)
     samples/<run>.md                 what each run wrote: its last logged groups, with rewards
+
+A configuration is the runs that differ only in `seed`. Two runs are one configuration when
+their saved `.hydra/config.yaml`, unresolved (`${...}` kept as written), is the same once the
+`BOOKKEEPING` keys are removed: `seed`, and the keys that name, log or checkpoint a run
+without changing what it computes (`run_name`, `logger`, `tracking`, `trainer.resume`,
+`trainer.save_every`, `trainer.keep_last`, `trainer.log_every`, `trainer.max_bad_steps`,
+`model.cache_dir`). A run without a saved config (or with an empty one) is compared by its
+overrides instead, less the same keys; one with neither is a configuration of its own. A
+configuration holds one run per seed: a second run with a seed already in it (the same sweep
+given twice, or GRPO runs of an alpha x mu sweep, which differ only in keys the loss ignores
+and so are repeats) starts a configuration of its own, labelled apart.
 
 alpha and mu are left empty for runs whose loss does not take them (GRPO, DAPO, ...): such
 runs are repeats of one another, never a grid. A heatmap holds the runs of one method and
@@ -30,6 +47,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +64,26 @@ from rich.table import Table
 
 from opo_cli.completions import COMPLETIONS_FILE, EVAL_COMPLETIONS_FILE, read_rows, samples_page
 from opo_cli.errors import UserError
+from opo_cli.intervals import mean_ci95, seed_band
 from opo_cli.tracking import is_number, load_metrics
 
 SKIP_DIRS = {"report", "wandb", "checkpoints", "final", "replaced"}  # no runs; can be large
 NOISE_KEYS = ("hydra", "logger", "trainer.resume", "trainer.save_every", "wandb")
-CSV_COLUMNS = [
+BOOKKEEPING = (  # config keys that do not change what a run computes: not its configuration
+    "seed",
+    "run_name",
+    "logger",
+    "tracking",
+    "trainer.resume",
+    "trainer.save_every",
+    "trainer.keep_last",
+    "trainer.log_every",
+    "trainer.max_bad_steps",
+    "model.cache_dir",
+    "hydra",
+    "wandb",
+)
+RUN_COLUMNS = [  # runs.csv
     "label",  # the overrides that vary across the reported runs
     "method",
     "alpha",
@@ -63,6 +96,25 @@ CSV_COLUMNS = [
     "grad_norm_mean",  # mean train/grad_norm over all rows
     "eval_accuracy",  # eval.json accuracy, else the last eval/accuracy in metrics
     "path",
+]
+METRICS = (  # summary.csv's <name>_mean and <name>_ci95: (name, the runs.csv column)
+    ("final_reward", "final_reward"),
+    ("steps_to_threshold", "steps_to_threshold"),  # over the seeds that reached it
+    ("grad_norm", "grad_norm_mean"),
+    ("eval_accuracy", "eval_accuracy"),
+)
+SUMMARY_COLUMNS = [  # summary.csv: one row per configuration; *_ci95 empty with one seed
+    "label",  # the overrides that vary across configurations (seed never among them)
+    "method",
+    "alpha",
+    "mu",
+    "n_seeds",  # runs in the configuration
+    "seeds",  # their seeds, space-separated
+    "steps",  # last step logged, the fewest over the seeds
+    "steps_planned",
+    *(f"{name}_{stat}" for name, _ in METRICS for stat in ("mean", "ci95")),
+    "threshold_reached",  # seeds whose EMA reward reached the threshold
+    "path",  # the run folders, ';'-separated
 ]
 
 console = Console()
@@ -280,41 +332,48 @@ def resolve_threshold(cfg: DictConfig, finals: Sequence[float]) -> float:
 # ---------------------------------------------------------------- labels and summary
 
 
-def varying_keys(runs: Sequence[Run]) -> list[str]:
-    """The override keys whose value differs across `runs`, in order of first appearance."""
+def varying_keys(runs: Sequence[Run], ignore: Sequence[str] = ()) -> list[str]:
+    """The override keys whose value differs across `runs`, in order of first appearance,
+    less `ignore`."""
     keys: list[str] = []
     for run in runs:
-        keys += [k for k in run.overrides if k not in keys]
+        keys += [k for k in run.overrides if k not in keys and k not in ignore]
     return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
 
 
-def varying_labels(runs: Sequence[Run]) -> list[str]:
-    """Per run, `k=v,...` over the override keys whose value differs across runs, leaving
-    out alpha and mu where the run's loss does not take them.
+def varying_labels(
+    runs: Sequence[Run], ignore: Sequence[str] = (), names: Sequence[str] | None = None
+) -> list[str]:
+    """Per run, `k=v,...` over the override keys whose value differs across runs (less
+    `ignore`), leaving out alpha and mu where the run's loss does not take them.
 
-    Runs with nothing varying fall back to their folder name. Labels that clash because the
-    runs differ only in keys their loss ignores are repeats, numbered `#1`, `#2`, ...; other
-    clashes (the same sweep given twice, numbered folders of two sweeps) get the path below
-    the runs' common folder, which is unique.
+    Runs with nothing varying fall back to `names` (default: their folder names). Labels that
+    clash because the runs differ only in keys their loss ignores are repeats, numbered `#1`,
+    `#2`, ...; other clashes (the same sweep given twice, numbered folders of two sweeps) get
+    the path below the runs' common folder, which is unique.
     """
-    varying = varying_keys(runs)
+    varying = varying_keys(runs, ignore)
+    names = [r.name for r in runs] if names is None else names
     labels = [
-        ",".join(f"{k}={r.overrides[k]}" for k in varying if k in used_overrides(r)) or r.name
-        for r in runs
+        ",".join(f"{k}={r.overrides[k]}" for k in varying if k in used_overrides(r)) or name
+        for r, name in zip(runs, names, strict=True)
     ]
     if len(set(labels)) == len(labels):
         return labels
     common = os.path.commonpath([r.path.resolve() for r in runs])
     out = []
-    for lab, r in zip(labels, runs, strict=True):
+    for lab, r, name in zip(labels, runs, names, strict=True):
         twins = [q for q, other in zip(runs, labels, strict=True) if other == lab]
+        kept = [
+            tuple(sorted(kv for kv in q.overrides.items() if kv[0] not in ignore)) for q in twins
+        ]
         if len(twins) == 1:
             out.append(lab)
-        elif len({tuple(sorted(q.overrides.items())) for q in twins}) == len(twins):
+        elif len(set(kept)) == len(twins):
             out.append(f"{lab} #{twins.index(r) + 1}")  # repeats: only ignored keys differ
         else:
             where = r.path.resolve().relative_to(common).as_posix()
-            out.append(f"{lab} ({where})" if lab != r.name else where)
+            out.append(f"{lab} ({where})" if lab != name else where)
     return out
 
 
@@ -335,7 +394,7 @@ def grid_group(run: Run, varying: Sequence[str]) -> tuple[tuple[str, str | None]
 
 
 def summarize(runs: Sequence[Run], labels: Sequence[str], cfg: DictConfig) -> list[dict]:
-    """One summary dict per run (keys `CSV_COLUMNS`), steps_to_threshold filled in last;
+    """One summary dict per run (keys `RUN_COLUMNS`), steps_to_threshold filled in last;
     `_group` holds the run's `grid_group`."""
     rows = []
     varying = varying_keys(runs)
@@ -371,6 +430,105 @@ def fill_steps_to_threshold(summary: list[dict], threshold: float) -> None:
             row["steps_to_threshold"] = first_step_at(steps, smoothed, threshold)
 
 
+# ---------------------------------------------------------------- configurations
+
+
+@dataclass
+class Config:
+    """One configuration: runs that differ only in seed, sorted by seed, and their rows."""
+
+    label: str
+    runs: list[Run]
+    rows: list[dict]  # the runs' summary rows (`summarize`), in the same order
+
+
+def is_bookkeeping(key: str) -> bool:
+    """Whether a dotted config key is, or is under, one of `BOOKKEEPING`."""
+    return any(key == b or key.startswith(b + ".") for b in BOOKKEEPING)
+
+
+def without_bookkeeping(data: dict, prefix: str = "") -> dict:
+    """A nested config dict less its `BOOKKEEPING` keys."""
+    return {
+        k: without_bookkeeping(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+        for k, v in data.items()
+        if not is_bookkeeping(f"{prefix}{k}")
+    }
+
+
+def config_identity(run: Run) -> str:
+    """What the run computes, as text: its saved config unresolved, else its overrides, less
+    `BOOKKEEPING` (seed among them); else its folder (a configuration of its own)."""
+    if run.config is not None and len(run.config) > 0:
+        data = OmegaConf.to_container(run.config, resolve=False)
+        return "config " + json.dumps(without_bookkeeping(data), sort_keys=True, default=str)
+    if run.overrides:
+        kept = {k: v for k, v in run.overrides.items() if not is_bookkeeping(k)}
+        return "overrides " + json.dumps(kept, sort_keys=True)
+    return "folder " + str(run.path.resolve())
+
+
+def seed_key(row: dict) -> tuple[bool, Any]:
+    """Sort key: numeric seeds in order, then the others (unknown: None) by their text."""
+    seed = row["seed"]
+    return (not is_number(seed), seed if is_number(seed) else str(seed))
+
+
+def group_configs(runs: Sequence[Run], summary: Sequence[dict]) -> list[Config]:
+    """The configurations, in order of their first run, each holding one run per seed: a run
+    whose seed its configuration already holds (a repeat) goes to a second copy of it. Sets
+    each summary row's `_config` to its configuration's index."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for i, (run, row) in enumerate(zip(runs, summary, strict=True)):
+        identity = config_identity(run)
+        copy = seen.get((identity, repr(row["seed"])), 0)
+        seen[(identity, repr(row["seed"]))] = copy + 1
+        groups.setdefault((identity, copy), []).append(i)
+    members = [sorted(idx, key=lambda i: seed_key(summary[i])) for idx in groups.values()]
+    for k, idx in enumerate(members):
+        for i in idx:
+            summary[i]["_config"] = k  # the heatmaps keep one configuration per cell
+    first_runs = [runs[idx[0]] for idx in members]
+    names = [config_name([runs[i] for i in idx], summary[idx[0]]) for idx in members]
+    labels = varying_labels(first_runs, ignore=("seed",), names=names)
+    return [
+        Config(label, [runs[i] for i in idx], [summary[i] for i in idx])
+        for label, idx in zip(labels, members, strict=True)
+    ]
+
+
+def config_name(runs: Sequence[Run], row: dict) -> str:
+    """A configuration's label when no override varies: its run's folder name (one seed), else
+    the folder its runs share, else its method."""
+    if len(runs) == 1:
+        return runs[0].name
+    common = os.path.commonpath([r.name for r in runs])
+    return common if common not in ("", ".") else str(row["method"] or "runs")
+
+
+def summarize_configs(configs: Sequence[Config]) -> list[dict]:
+    """One summary dict per configuration (keys `SUMMARY_COLUMNS`): each of `METRICS` as the
+    mean over seeds and the half-width of its 95% Student-t interval (`mean_ci95`: NaN with
+    one seed); steps_to_threshold over the seeds that reached it. `_group`: the first run's."""
+    out = []
+    for c in configs:
+        first = c.rows[0]
+        row = {k: first[k] for k in ("method", "alpha", "mu", "steps_planned", "_group")}
+        row |= {
+            "label": c.label,
+            "n_seeds": len(c.rows),
+            "seeds": " ".join(fmt(r["seed"]) for r in c.rows if r["seed"] is not None),
+            "steps": min(r["steps"] for r in c.rows),
+            "threshold_reached": sum(math.isfinite(r["steps_to_threshold"]) for r in c.rows),
+            "path": ";".join(r["path"] for r in c.rows),
+        }
+        for name, column in METRICS:
+            row[f"{name}_mean"], row[f"{name}_ci95"] = mean_ci95([r[column] for r in c.rows])
+        out.append(row)
+    return out
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -383,41 +541,87 @@ def fmt(value: Any, digits: int = 6) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def write_csv(summary: Sequence[dict], path: Path) -> None:
-    """summary.csv: `CSV_COLUMNS`, empty cells for missing values and never-reached."""
+def write_csv(rows: Sequence[dict], columns: Sequence[str], path: Path) -> None:
+    """A CSV of `columns`, empty cells for missing values, never-reached and one-seed intervals."""
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for row in summary:
-            writer.writerow([fmt(row[c]) for c in CSV_COLUMNS])
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([fmt(row[c]) for c in columns])
 
 
-def table_cells(row: dict) -> list[str]:
-    """The human-facing columns (all but `path`), 4 significant digits, '—' for never."""
-    cells = [fmt(row[c], 4) for c in CSV_COLUMNS[:-1]]
-    if cells[CSV_COLUMNS.index("steps_to_threshold")] == "":
-        cells[CSV_COLUMNS.index("steps_to_threshold")] = "—"
+def run_cells(row: dict) -> list[str]:
+    """A run's human-facing columns (`RUN_COLUMNS` but `path`), 4 significant digits, '—'
+    for never."""
+    cells = [fmt(row[c], 4) for c in RUN_COLUMNS[:-1]]
+    if cells[RUN_COLUMNS.index("steps_to_threshold")] == "":
+        cells[RUN_COLUMNS.index("steps_to_threshold")] = "—"
     return cells
 
 
-def write_markdown(summary: Sequence[dict], notes: Sequence[str], path: Path) -> None:
-    """summary.md: the table, then the threshold and any skipped runs."""
-    head = CSV_COLUMNS[:-1]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(table_cells(row)) + " |" for row in summary]
+def mean_pm(row: dict, name: str) -> str:
+    """'mean ± half-width': the half-width to 2 significant digits and the mean to the same
+    decimal place (0.713 ± 0.067); the mean alone (4 significant digits) with one seed, and
+    with a zero half-width ('0.5 ± 0'); '' for none."""
+    mean, half = row[f"{name}_mean"], row[f"{name}_ci95"]
+    if not math.isfinite(mean):
+        return ""
+    if not math.isfinite(half):
+        return fmt(mean, 4)
+    if half == 0:
+        return f"{fmt(mean, 4)} ± 0"
+    decimals = max(0, 1 - math.floor(math.log10(half)))
+    return f"{mean:.{decimals}f} ± {half:.{decimals}f}"
+
+
+CONFIG_HEAD = ["label", "method", "alpha", "mu", "n_seeds", "seeds", "steps", "steps_planned"]
+CONFIG_HEAD += [name for name, _ in METRICS]  # summary.md: mean ± half-width
+
+
+def config_cells(row: dict) -> list[str]:
+    """A configuration's `CONFIG_HEAD` cells; steps_to_threshold '—' when no seed reached
+    it, and `(k/n reached)` when only some did."""
+    cells = [fmt(row[c], 4) for c in CONFIG_HEAD[: -len(METRICS)]]
+    cells += [mean_pm(row, name) for name, _ in METRICS]
+    to_thr = CONFIG_HEAD.index("steps_to_threshold")
+    reached, n = row["threshold_reached"], row["n_seeds"]
+    if reached == 0:
+        cells[to_thr] = "—"
+    elif reached < n:
+        cells[to_thr] += f" ({reached}/{n} reached)"
+    return cells
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(cells) + " |" for cells in rows
+    ]
+
+
+def write_markdown(
+    configs: Sequence[dict], runs: Sequence[dict], notes: Sequence[str], path: Path
+) -> None:
+    """summary.md: the configurations (mean ± 95% half-width over seeds), the runs when a
+    configuration has several seeds, then the threshold, figures and skipped runs."""
+    lines = markdown_table(CONFIG_HEAD, [config_cells(row) for row in configs])
+    if any(row["n_seeds"] > 1 for row in configs):
+        runs_table = markdown_table(RUN_COLUMNS[:-1], [run_cells(row) for row in runs])
+        lines += ["", "## Runs", "", *runs_table]
     lines += [""] + [f"- {n}" for n in notes]
     path.write_text("# Run summary\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
 
-CONSOLE_HEADERS = ["label", "method", "α", "μ", "seed", "steps", "final", "to_thr", "|g|", "eval"]
+CONSOLE_HEADERS = ["label", "method", "α", "μ", "n", "seeds", "steps", "final", "to_thr", "|g|"]
+CONSOLE_HEADERS += ["eval"]
 
 
-def print_table(summary: Sequence[dict], title: str) -> None:
-    """The summary on the console: short headers, steps as done/planned, no empty columns."""
-    planned = CSV_COLUMNS.index("steps_planned")
+def print_table(configs: Sequence[dict], title: str) -> None:
+    """The configurations on the console: short headers, steps as done/planned, no empty
+    columns."""
+    planned = CONFIG_HEAD.index("steps_planned")
     rows = []
-    for row in summary:
-        cells = table_cells(row)
+    for row in configs:
+        cells = config_cells(row)
         if cells[planned]:
             cells[planned - 1] += f"/{cells[planned]}"
         rows.append(cells[:planned] + cells[planned + 1 :])
@@ -425,7 +629,7 @@ def print_table(summary: Sequence[dict], title: str) -> None:
     table = Table(title=title)
     for j in keep:
         name = CONSOLE_HEADERS[j]
-        left = name in ("label", "method")
+        left = name in ("label", "method", "seeds")
         table.add_column(name, justify="left" if left else "right", min_width=len(name))
     table.columns[0].overflow = "fold"  # long labels wrap rather than vanish into "…"
     for r in rows:
@@ -436,23 +640,52 @@ def print_table(summary: Sequence[dict], title: str) -> None:
 # ---------------------------------------------------------------- figures
 
 
-def plot_curves(
-    runs: Sequence[Run], labels: Sequence[str], key: str, smoothing: float, path: Path
+def config_curve(
+    config: Config, key: str, smoothing: float
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(steps, raw mean, EMA mean, EMA half-width) of `key` over the configuration's seeds, at
+    the steps every seed logged: each seed's series is smoothed first, then averaged; the
+    half-width is the 95% Student-t one across seeds (NaN with one seed)."""
+    raw = [series(run.rows, key) for run in config.runs]
+    raw = [c for c in raw if c[0]]  # a seed that never logged `key` does not empty the rest
+    steps, raw_mean, _ = seed_band(raw)
+    _, smooth, half = seed_band([(s, ema(v, smoothing)) for s, v in raw])
+    return steps, raw_mean, smooth, half
+
+
+def curve_label(config: Config) -> str:
+    """The legend entry: the label, with the number of seeds when several."""
+    n = len(config.runs)
+    return f"{config.label} (n={n})" if n > 1 else config.label
+
+
+def draw_band(
+    ax: Any, steps: Sequence[float], mean: Sequence[float], half: Sequence[float], color: Any
 ) -> None:
-    """One EMA curve per run over its faint raw series, legend by label."""
+    """Shade mean ± half where the half-width is known (several seeds)."""
+    if any(math.isfinite(h) for h in half):
+        lo = [m - h for m, h in zip(mean, half, strict=True)]
+        hi = [m + h for m, h in zip(mean, half, strict=True)]
+        ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+
+
+def plot_curves(configs: Sequence[Config], key: str, smoothing: float, path: Path) -> None:
+    """Per configuration: its EMA curve (mean over seeds) with the shaded 95% t-band across
+    seeds, over its faint raw mean; legend by label."""
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
-    colors = curve_colors(len(runs))
-    for run, label, color in zip(runs, labels, colors, strict=True):
-        steps, values = series(run.rows, key)
+    for config, color in zip(configs, curve_colors(len(configs)), strict=True):
+        steps, raw, smooth, half = config_curve(config, key, smoothing)
         if steps:
-            ax.plot(steps, values, color=color, alpha=0.2, linewidth=1)
-            ax.plot(steps, ema(values, smoothing), color=color, linewidth=1.8, label=label)
-    ax.set(xlabel="step", ylabel=key, title=f"{key} (EMA {smoothing})")
+            ax.plot(steps, raw, color=color, alpha=0.2, linewidth=1)
+            ax.plot(steps, smooth, color=color, linewidth=1.8, label=curve_label(config))
+            draw_band(ax, steps, smooth, half, color)
+    band = "; band: 95% t-interval over seeds" if any(len(c.runs) > 1 for c in configs) else ""
+    ax.set(xlabel="step", ylabel=key, title=f"{key} (EMA {smoothing}{band})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", ncol=1 + len(runs) // 12, loc="best")
+        ax.legend(fontsize="small", ncol=1 + len(configs) // 12, loc="best")
     fig.savefig(path, dpi=120)
 
 
@@ -476,14 +709,29 @@ def grids(summary: Sequence[dict]) -> dict[str, list[dict]]:
             name = ",".join([str(row["method"]), *(f"{k}={v}" for k, v in row["_group"])])
             found.setdefault(name, []).append(row)
     return {
-        name: rows
+        name: one_config_per_cell(rows)
         for name, rows in found.items()
         if len({r["alpha"] for r in rows}) >= 2 and len({r["mu"] for r in rows}) >= 2
     }
 
 
+def one_config_per_cell(rows: Sequence[dict]) -> list[dict]:
+    """The runs of each (alpha, mu) cell's configuration with the most seeds (`_config`, set
+    by `group_configs`; the first on a tie). A second configuration in a cell holds repeats
+    of seeds the first has (the same grid reported twice, or the methods sweep's default
+    OPO beside the grid's cell): averaging them in would count a seed twice."""
+    sizes = Counter(r.get("_config") for r in rows)
+    best: dict[tuple[Any, Any], Any] = {}
+    for r in rows:
+        cell, config = (r["alpha"], r["mu"]), r.get("_config")
+        if cell not in best or sizes[config] > sizes[best[cell]]:
+            best[cell] = config
+    return [r for r in rows if r.get("_config") == best[(r["alpha"], r["mu"])]]
+
+
 def grid_cells(rows: Sequence[dict], key: str) -> tuple[list, list, list[list[float]], list]:
-    """alphas (rows), mus (cols), mean over seeds per cell (NaN: never), cell texts."""
+    """alphas (rows), mus (cols), mean over seeds per cell (NaN: never), cell texts: the mean
+    and `n=<seeds>`, or `<reached>/<seeds> seeds` where only some reached the threshold."""
     alphas = sorted({r["alpha"] for r in rows})
     mus = sorted({r["mu"] for r in rows})
     values: list[list[float]] = [[] for _ in alphas]
@@ -494,8 +742,11 @@ def grid_cells(rows: Sequence[dict], key: str) -> tuple[list, list, list[list[fl
             done = [v for v in cell if math.isfinite(v)]
             values[i].append(sum(done) / len(done) if done else math.nan)
             text = fmt(values[i][-1], 3) if done else ("—" if cell else "no run")
-            partial = 0 < len(done) < len(cell)  # some seeds never reached the threshold
-            texts[i].append(text + (f"\n{len(done)}/{len(cell)} seeds" if partial else ""))
+            if 0 < len(done) < len(cell):  # some seeds never reached the threshold
+                text += f"\n{len(done)}/{len(cell)} seeds"
+            elif cell:
+                text += f"\nn={len(cell)}"
+            texts[i].append(text)
     return alphas, mus, values, texts
 
 
@@ -592,20 +843,26 @@ def report(cfg: DictConfig) -> Path:
     except OSError as e:
         raise ReportError(f"out_dir={out}: cannot create the report folder ({e.strerror})") from e
 
-    labels = varying_labels(runs)
-    summary = summarize(runs, labels, cfg)
+    summary = summarize(runs, varying_labels(runs), cfg)
     threshold = resolve_threshold(cfg, [r["final_reward"] for r in summary])
     fill_steps_to_threshold(summary, threshold)
     notes.insert(0, f"threshold for steps_to_threshold: {threshold_text(cfg, threshold)}")
+    configs = group_configs(runs, summary)
+    config_rows = summarize_configs(configs)
 
+    from opo_cli.report_claims import plot_claims  # it imports this module
+
+    _, claim_notes = plot_claims(configs, config_rows, cfg.smoothing, threshold, out)
     pages = write_sample_pages(runs, out, int(cfg.sample_chars))
-    notes += [f"what {run.name} writes: [{page}]({page})" for run, page in pages]
-    write_csv(summary, out / "summary.csv")
-    write_markdown(summary, notes, out / "summary.md")
-    plot_curves(runs, labels, "train/reward_mean", cfg.smoothing, out / "reward.png")
-    plot_curves(runs, labels, "train/grad_norm", cfg.smoothing, out / "grad_norm.png")
+    notes += claim_notes + [f"what {run.name} writes: [{page}]({page})" for run, page in pages]
+    write_csv(config_rows, SUMMARY_COLUMNS, out / "summary.csv")
+    write_csv(summary, RUN_COLUMNS, out / "runs.csv")
+    write_markdown(config_rows, summary, notes, out / "summary.md")
+    plot_curves(configs, "train/reward_mean", cfg.smoothing, out / "reward.png")
+    plot_curves(configs, "train/grad_norm", cfg.smoothing, out / "grad_norm.png")
     plot_grids(summary, threshold, out)
-    print_table(summary, f"{len(runs)} runs · threshold {fmt(threshold, 3) or 'none'}")
+    title = f"{len(configs)} configurations, {len(runs)} runs · threshold"
+    print_table(config_rows, f"{title} {fmt(threshold, 3) or 'none'}")
     console.print(f"report written to {out}")
     return out
 

@@ -13,7 +13,8 @@ import yaml
 from omegaconf import DictConfig
 
 from opo_cli.report import (
-    CSV_COLUMNS,
+    RUN_COLUMNS,
+    SUMMARY_COLUMNS,
     ReportError,
     ema,
     final_mean,
@@ -101,10 +102,11 @@ def sweep(tmp_path: Path) -> Path:
 
 
 def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    """runs.csv or summary.csv by label, its header checked."""
     with path.open() as f:
         reader = csv.DictReader(f)
         rows = {row["label"]: row for row in reader}
-        assert reader.fieldnames == CSV_COLUMNS
+        assert reader.fieldnames == (RUN_COLUMNS if path.name == "runs.csv" else SUMMARY_COLUMNS)
     return rows
 
 
@@ -131,7 +133,7 @@ def test_parse_overrides_drops_noise():
 def test_sweep_summary_matches_hand_derived(sweep: Path, capsys):
     out = report(compose_report(paths_arg(sweep), "smoothing=0.5"))
     assert out == sweep / "report"
-    rows = read_csv(out / "summary.csv")
+    rows = read_csv(out / "runs.csv")
     assert set(rows) == {f"alpha={a},mu={m}" for a, m in GRID}
     # best final reward is 1.0 -> default threshold 0.8 x 1.0 = 0.8
     expected = {  # label: (final_reward, steps_to_threshold)
@@ -155,6 +157,16 @@ def test_sweep_summary_matches_hand_derived(sweep: Path, capsys):
     assert float(rows["alpha=0.3,mu=0.5"]["eval_accuracy"]) == 0.42  # eval.json
     assert float(rows["alpha=0.3,mu=1.0"]["eval_accuracy"]) == 0.25  # last eval/accuracy
     assert rows["alpha=0.6,mu=0.5"]["eval_accuracy"] == ""
+    # one seed each: summary.csv has the same configurations, means equal to the run's
+    # numbers and no interval
+    configs = read_csv(out / "summary.csv")
+    assert set(configs) == set(rows)
+    for label, row in configs.items():
+        assert (row["n_seeds"], row["seeds"], row["final_reward_ci95"]) == ("1", "0", "")
+        assert row["final_reward_mean"] == rows[label]["final_reward"]
+        assert row["steps_to_threshold_mean"] == rows[label]["steps_to_threshold"]
+        assert row["eval_accuracy_mean"] == rows[label]["eval_accuracy"]
+        assert row["threshold_reached"] == ("1" if rows[label]["steps_to_threshold"] else "0")
 
     for name in ("reward", "grad_norm", "heatmap_final_reward", "heatmap_steps_to_threshold"):
         assert (out / f"{name}.png").stat().st_size > 1000
@@ -171,7 +183,7 @@ def test_absolute_threshold_and_out_dir(sweep: Path, tmp_path: Path):
         compose_report(paths_arg(sweep), "smoothing=0.5", "threshold=0.6", f"out_dir='{out_dir}'")
     )
     assert out == out_dir and not (sweep / "report").exists()
-    steps_to = {k: v["steps_to_threshold"] for k, v in read_csv(out / "summary.csv").items()}
+    steps_to = {k: v["steps_to_threshold"] for k, v in read_csv(out / "runs.csv").items()}
     assert steps_to == {
         "alpha=0.3,mu=0.5": "6",
         "alpha=0.3,mu=1.0": "11",
@@ -187,7 +199,8 @@ def test_single_run_without_hydra_and_unreadable_run(tmp_path: Path, capsys):
     (bad / "metrics.jsonl").write_text("not json\n")
     (tmp_path / "runs" / "good" / "checkpoints" / "step_1").mkdir(parents=True)
     out = report(compose_report(paths_arg(tmp_path / "runs")))
-    rows = read_csv(out / "summary.csv")
+    rows = read_csv(out / "runs.csv")
+    assert set(read_csv(out / "summary.csv")) == {"good"}
     assert list(rows) == ["good"]  # no .hydra: label falls back to the folder name
     assert float(rows["good"]["final_reward"]) == pytest.approx(0.6)
     assert rows["good"]["steps_to_threshold"] == ""  # EMA 0.6: 0.2, 0.28, 0.408 < 0.48
@@ -200,9 +213,12 @@ def test_single_run_without_hydra_and_unreadable_run(tmp_path: Path, capsys):
 def test_clashing_labels_get_their_folder(sweep: Path, tmp_path: Path):
     shutil.copytree(sweep, tmp_path / "again", ignore=shutil.ignore_patterns("report"))
     out = report(compose_report(paths_arg(sweep, tmp_path / "again")))
-    labels = set(read_csv(out / "summary.csv"))
+    labels = set(read_csv(out / "runs.csv"))
     assert len(labels) == 8 and "alpha=0.3,mu=0.5 (sweep/0)" in labels
     assert "alpha=0.6,mu=1.0 (again/nested/3)" in labels
+    # the same config with the same seed twice: repeats, never two seeds of one configuration
+    configs = read_csv(out / "summary.csv")
+    assert set(configs) == labels and {row["n_seeds"] for row in configs.values()} == {"1"}
 
 
 def test_errors_are_report_errors(tmp_path: Path):
@@ -233,7 +249,9 @@ def test_grid_cells_average_over_seeds():
     assert final[0] == [0.75, 0.4] and final[1][0] == 0.2 and math.isnan(final[1][1])
     _, _, steps, texts = grid_cells(rows, "steps_to_threshold")
     assert steps[0] == [10, 30] and math.isnan(steps[1][0])  # mean over the seeds that reached
-    assert texts == [["10\n1/2 seeds", "30"], ["—", "no run"]]
+    assert texts == [["10\n1/2 seeds", "30\nn=1"], ["—\nn=1", "no run"]]
+    _, _, _, texts = grid_cells(rows, "final_reward")
+    assert texts == [["0.75\nn=2", "0.4\nn=1"], ["0.2\nn=1", "no run"]]
 
 
 def grpo_config(alpha: float, mu: float) -> dict:
@@ -251,14 +269,15 @@ def test_methods_without_alpha_or_mu_get_no_grid_and_are_repeats(tmp_path: Path)
             cfg = config(alpha, mu) | ({"method": {**config(alpha, mu)["method"], "loss": name}})
             write_run(root / str(2 * i + j), rewards, overrides=overrides, config=cfg)
     out = report(compose_report(paths_arg(root)))
-    rows = read_csv(out / "summary.csv")
-    grpo = {label: row for label, row in rows.items() if row["method"] == "grpo"}
-    assert sorted(grpo) == [f"method=grpo #{i}" for i in (1, 2, 3, 4)]
-    assert all(row["alpha"] == row["mu"] == "" for row in grpo.values())
+    for table in ("runs.csv", "summary.csv"):  # one seed each: the same labels in both
+        rows = read_csv(out / table)
+        grpo = {label: row for label, row in rows.items() if row["method"] == "grpo"}
+        assert sorted(grpo) == [f"method=grpo #{i}" for i in (1, 2, 3, 4)]
+        assert all(row["alpha"] == row["mu"] == "" for row in grpo.values())
     assert float(rows["method=opo,alpha=0.6,mu=1.0"]["alpha"]) == 0.6
     heatmaps = sorted(p.name for p in out.glob("heatmap_*.png"))
     assert heatmaps == ["heatmap_final_reward.png", "heatmap_steps_to_threshold.png"]  # opo's
-    assert "| method=grpo #1 | grpo |  |  | 0 |" in (out / "summary.md").read_text()
+    assert "| method=grpo #1 | grpo |  |  | 1 | 0 |" in (out / "summary.md").read_text()
 
 
 def test_heatmaps_never_average_over_another_varying_override(tmp_path: Path):
