@@ -6,9 +6,11 @@ Expected answers are worked out by hand. Run: pytest tests/test_paper.py -q
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 from omegaconf import DictConfig
@@ -149,3 +151,39 @@ def test_reproduce_script_passes_overrides_to_every_run_and_rejects_a_bad_scale(
     assert len(trains) == 3 and all(c[-1] == "trainer.steps=5" for c in trains)
     bad = subprocess.run(["bash", str(SCRIPT), "tpu"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("usage: ")
+
+
+# ---------------------------------------------------------------- scripts/paper_numbers.py
+
+
+def fake_run(folder, overrides: list[str], rows: list[dict]):
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_paper_numbers_are_first_and_last_tenths_with_t_intervals(tmp_path):
+    # 10 steps: the first and last 10% are the first and last row. Two seeds of opo:
+    # reward 0.1 -> 1.0 and 0.3 -> 0.8, grad norm 2 -> 1 and 4 -> 1 (ratios 0.5, 0.25).
+    # Half-width over 2 seeds: t_{0.975,1} * s / sqrt(2) = 12.706 * |a - b| / 2:
+    # reward first 0.2 +- 1.27, last 0.9 +- 1.27, grad first 3 +- 12.7, last 1 +- 0,
+    # ratio 0.375 +- 1.59. One seed of grpo: means alone.
+    def rows(r0, r1, g0, g1):
+        mid = [{"step": s, "train/reward_mean": 0.5, "train/grad_norm": 9.0} for s in range(2, 10)]
+        first = {"step": 1, "train/reward_mean": r0, "train/grad_norm": g0}
+        return [first, *mid, {"step": 10, "train/reward_mean": r1, "train/grad_norm": g1}]
+
+    fake_run(tmp_path / "a", ["method=opo", "seed=0"], rows(0.1, 1.0, 2.0, 1.0))
+    fake_run(tmp_path / "b", ["method=opo", "seed=1"], rows(0.3, 0.8, 4.0, 1.0))
+    fake_run(tmp_path / "c", ["method=grpo", "seed=0"], rows(0.5, 0.7, 1.0, 2.0))
+    script = REPO / "scripts" / "paper_numbers.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0].startswith("| configuration | n | reward first 10% |")
+    assert out[2] == (
+        "| method=opo | 2 | 0.2 ± 1.3 | 0.9 ± 1.3 | 3 ± 13 | 1 ± 0 | - | - | 0.375 ± 1.6 |"
+    )
+    assert out[3] == "| method=grpo | 1 | 0.5 | 0.7 | 1 | 2 | - | - | 2 |"
+    usage = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: ")
