@@ -3,8 +3,9 @@
 # 3 seeds, then one `opo report` over both sweeps (docs/paper.md shows what it gave).
 #
 #   scripts/reproduce_paper.sh cpu [overrides]   # the embedded task dataset=arith_hard on the
-#       tiny model, 200 steps a run, 2 runs at a time (joblib): 21 + 27 = 48 runs, about
-#       25 min on a quiet 2-core CPU (docs/paper.md gives the measured wall time and load)
+#       tiny model, 200 steps a run, 2 runs at a time (joblib): 21 + 27 = 48 runs in 33 min
+#       measured on 2 CPU cores under load 7-14 (other jobs); about 15 min estimated on quiet
+#       ones (docs/paper.md)
 #   scripts/reproduce_paper.sh gpu [overrides]   # the paper's scale: the same two sweeps with
 #       +experiment=paper_exp1 (Qwen3-1.7B, MATH Level 3, 224 steps) and the methods again with
 #       +experiment=paper_exp2 (27 steps); one run after another on one GPU unless a launcher
