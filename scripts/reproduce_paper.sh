@@ -4,7 +4,7 @@
 #
 #   scripts/reproduce_paper.sh cpu [overrides]   # the embedded task dataset=arith_hard on the
 #       tiny model, 200 steps a run, 2 runs at a time (joblib): 21 + 27 = 48 runs in 33 min
-#       measured on 2 CPU cores under load 7-14 (other jobs); about 15 min estimated on quiet
+#       measured on 2 CPU cores under load 7-14 (other jobs); 15-20 min estimated on quiet
 #       ones (docs/paper.md)
 #   scripts/reproduce_paper.sh gpu [overrides]   # the paper's scale: the same two sweeps with
 #       +experiment=paper_exp1 (Qwen3-1.7B, MATH Level 3, 224 steps) and the methods again with
