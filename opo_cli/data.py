@@ -464,12 +464,13 @@ class PromptSampler:
 
 
 def warm_start_pairs(
-    name: str, problems: list[Problem], n: int, seed: int, accuracy: float
+    kind: str, problems: list[Problem], n: int, seed: int, accuracy: float
 ) -> list[tuple[str, str]]:
     """`n` (prompt, completion) demonstrations for the tiny model's supervised warm start.
 
-    On `arith` the teacher is noisy (right with probability `accuracy`, else it stutters), so
-    the warm start teaches the format and a wrong habit, and RL has something to find.
+    On a generated arithmetic dataset (kind `arith`: arith, arith_hard) the teacher is noisy
+    (right with probability `accuracy`, else it stutters), so the warm start teaches the
+    format and a wrong habit, and RL has something to find.
     Elsewhere it states the answer only (`short_solution`): MATH's boxed answer, GSM8K's
     number, a custom dataset's answer as it stands.
     """
@@ -477,7 +478,7 @@ def warm_start_pairs(
     pairs = []
     for _ in range(n):
         p = problems[rng.randrange(len(problems))]
-        if name == "arith":
+        if kind == "arith":
             answer = noisy_arith_answer(p, rng, accuracy)
         else:
             answer = short_solution(p.answer)

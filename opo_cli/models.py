@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from opo_cli.config import HUB_UNREACHABLE, looks_local
-from opo_cli.data import Problem, warm_start_pairs
+from opo_cli.data import Problem, dataset_kind, warm_start_pairs
 from opo_cli.errors import UserError, first_line
 from opo_cli.lora import quiet_peft
 
@@ -219,7 +219,9 @@ def tiny_model_dir(cfg: DictConfig, dataset_cfg: DictConfig, problems: list[Prob
     model = build_tiny_model(cfg.tiny, tok, seed=cfg.tiny.seed)
     ws = cfg.tiny.warm_start
     if ws.steps > 0:
-        pairs = warm_start_pairs(dataset_cfg.name, problems, ws.examples, ws.seed, ws.accuracy)
+        pairs = warm_start_pairs(
+            dataset_kind(dataset_cfg), problems, ws.examples, ws.seed, ws.accuracy
+        )
         supervised_warm_start(model, tok, pairs, ws)
     _save_atomically(model, tok, folder)
     return folder

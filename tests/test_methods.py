@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import opo_cli.config as C
 from opo_cli import rewards
-from opo_cli.losses import LOSSES
+from opo_cli.losses import LOSSES, LossInputs
 from opo_cli.rewards import overlong_penalties
 from opo_cli.rollout import Rollout, concat_rollouts, dynamic_sample, mask_truncated
 from opo_cli.tracking import read_metrics
@@ -58,6 +58,7 @@ def test_loss_kwargs_match_the_loss_signature(method):
         (["method=grpo"], False),
         (["method=grpo", "method.loss_kwargs.beta=0.04"], True),
         (["method=dapo"], False),
+        (["method=dapo_paper"], False),
         (["method=gspo"], False),
         (["method=dpo"], True),
     ],
@@ -74,6 +75,38 @@ def test_dapo_is_grpo_plus_its_deltas():
     assert dapo["loss_kwargs"]["beta"] == 0.0 and dapo["reference"] is False
     assert dapo["rollout"]["dynamic_sampling"] and not grpo["rollout"]["dynamic_sampling"]
     assert grpo["rollout"].keys() == dapo["rollout"].keys()
+
+
+def test_dapo_paper_is_dapo_with_clip_low_0_and_no_dynamic_sampling():
+    """DESIGN's notes: the paper's DAPO ran with clip_low 0 and without dynamic sampling."""
+    dapo = OmegaConf.to_container(compose_train("method=dapo").method, resolve=True)
+    paper = OmegaConf.to_container(compose_train("method=dapo_paper").method, resolve=True)
+    changed = {k: v for k, v in paper["loss_kwargs"].items() if dapo["loss_kwargs"][k] != v}
+    assert changed == {"clip_low": 0.0} and paper["loss"] == "dapo"
+    assert paper["rollout"]["dynamic_sampling"] is False
+    assert paper["rollout"]["max_extra_rounds"] == 0
+    rollout_changes = {k for k, v in paper["rollout"].items() if dapo["rollout"][k] != v}
+    assert rollout_changes == {"dynamic_sampling", "max_extra_rounds"}  # overlong shaping kept
+    assert (paper["name"], dapo["name"]) == ("dapo_paper", "dapo")
+
+
+@pytest.mark.parametrize(("method", "grad_of_the_worse"), [("dapo", 0.9), ("dapo_paper", 0.0)])
+def test_dapo_paper_gives_no_gradient_to_a_falling_token_with_negative_advantage(
+    method, grad_of_the_worse
+):
+    # one group of 2, one token each: rewards 1, 0 give A = +-0.5 / (std 0.5*sqrt(2) + 1e-4);
+    # ratios 1.1 (A > 0, inside 1 + 0.28) and 0.9 (A < 0). token_mean over 2 tokens, so
+    # d loss / d logp = -ratio * A / 2 where the clip does not bind. dapo's floor 0.8 leaves
+    # 0.9 free; dapo_paper's floor 1 clips it: that token gets no gradient.
+    cfg = compose_train(f"method={method}").method
+    old = torch.zeros(2, 1)
+    logps = torch.log(torch.tensor([[1.1], [0.9]])).requires_grad_()
+    x = LossInputs(logps, old, None, torch.ones(2, 1), torch.tensor([1.0, 0.0]), 2)
+    loss, _ = LOSSES[cfg.loss](x, **OmegaConf.to_container(cfg.loss_kwargs, resolve=True))
+    loss.backward()
+    a = 0.5 / (0.5 * math.sqrt(2) + 1e-4)
+    expected = torch.tensor([[-1.1 * a / 2], [grad_of_the_worse * a / 2]])
+    torch.testing.assert_close(logps.grad, expected)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from opo_cli import rewards
-from opo_cli.data import DataError, Problem, load_problems, warm_start_pairs
+from opo_cli.data import DataError, Problem, dataset_kind, load_problems, warm_start_pairs
 from opo_cli.evaluate import evaluate
 from opo_cli.rewards import RewardError, build_reward, score_gsm8k
 from opo_cli.tracking import read_metrics
@@ -120,7 +120,7 @@ def test_gsm8k_warm_start_states_the_gold_number_in_the_form_the_reward_reads():
     cfg = compose_config("train", data).dataset
     problems, held = load_problems(cfg)
     assert (len(problems), len(held)) == (32, 8) and cfg.reward == "gsm8k"
-    pairs = warm_start_pairs(cfg.name, problems, 20, 0, 1.0)
+    pairs = warm_start_pairs(dataset_kind(cfg), problems, 20, 0, 1.0)
     golds = {p.prompt: p.answer for p in problems}
     assert all(re.fullmatch(r"The answer is \$\\boxed\{\d+\}\$\.", a) for _, a in pairs)
     assert score_gsm8k([a for _, a in pairs], [golds[q] for q, _ in pairs]) == [1.0] * 20
