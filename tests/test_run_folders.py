@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import pickle
 import random
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from opo_cli.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from opo_cli import checkpoint
+from opo_cli.checkpoint import (
+    is_sharded,
+    load_trainer_state,
+    rank_rng,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from opo_cli.config import ConfigError
 from opo_cli.errors import UserError
+from opo_cli.parallel import SHARDS_DIR, load_sharded
 from opo_cli.runs import (
     REPLACED_DIR,
     STATE_FILE,
@@ -93,6 +103,69 @@ def test_a_stale_temp_folder_from_a_crashed_save_is_not_carried_into_the_checkpo
 def test_the_first_checkpoint_of_a_run_creates_its_folders(tmp_path, saving):
     folder = save(tmp_path / "outputs" / "train" / "new-run", 1, saving)
     assert list_checkpoints(tmp_path / "outputs" / "train" / "new-run") == [folder]
+
+
+def test_an_old_checkpoint_removed_meanwhile_does_not_fail_the_save(tmp_path, saving, monkeypatch):
+    # someone frees disk space by deleting the oldest checkpoint by hand while the run saves:
+    # it is listed for pruning, then gone when the save comes to remove it
+    for step in (1, 2):
+        save(tmp_path, step, saving, keep_last=2)
+
+    def listed_then_deleted(run_dir):
+        found = list_checkpoints(run_dir)
+        shutil.rmtree(found[-1])
+        return found
+
+    monkeypatch.setattr(checkpoint, "list_checkpoints", listed_then_deleted)
+    save(tmp_path, 3, saving, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_3"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_sharded_checkpoint_holds_the_shards_and_reloads_them_exactly(tmp_path, saving):
+    # FSDP2's format, written here by one process: torch.distributed.checkpoint needs no
+    # process group for that, so the files are the ones rank 0 writes under torchrun
+    folder = save_checkpoint(tmp_path, 2, trainer_state={}, keep_last=3, sharded=True, **saving)
+    assert is_sharded(folder)
+    assert not is_sharded(save(tmp_path, 3, saving))
+    assert (folder / SHARDS_DIR).is_dir() and (folder / "config.json").is_file()
+    assert not any(p.suffix == ".safetensors" for p in folder.iterdir())  # weights: shards only
+    _, optim = load_trainer_state(folder)
+    assert set(optim) == {"scheduler"}  # the optimizer state is in the shards
+    assert optim["scheduler"] == saving["scheduler"].state_dict()
+
+    model, optimizer = saving["model"], saving["optimizer"]
+    torch.manual_seed(1)
+    fresh = type(model)(model.config)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    load_sharded(folder, fresh, fresh_optimizer)
+    expected, got = model.state_dict(), fresh.state_dict()
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    saved, loaded = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert set(loaded) == set(saved) and len(saved) == len(list(model.parameters()))
+    for index, state in saved.items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(loaded[index][key], state[key]), (index, key)
+
+
+def test_each_rank_gets_its_own_rng_state_only_at_the_world_size_it_was_saved_at(tmp_path, saving):
+    torch.manual_seed(5)
+    folder = save(tmp_path, 1, saving)
+    expected = torch.rand(4)  # the draws a resumed single-process run replays
+    state, _ = load_trainer_state(folder)
+    assert len(state["rng_ranks"]) == 1
+    set_rng_state(rank_rng(state, 0, 1))
+    assert torch.equal(torch.rand(4), expected)
+
+    two = {"rng": "rank 0's", "rng_ranks": ["rank 0's", "rank 1's"]}  # saved by 2 ranks
+    assert [rank_rng(two, rank, 2) for rank in (0, 1)] == ["rank 0's", "rank 1's"]
+    assert rank_rng(two, 0, 1) is None  # resumed at another world size: the caller reseeds
+    assert [rank_rng(two, rank, 3) for rank in (0, 1, 2)] == [None] * 3
+    older = {"rng": "the only rank's"}  # a checkpoint from before `rng_ranks`
+    assert rank_rng(older, 0, 1) == "the only rank's"
+    assert [rank_rng(older, rank, 2) for rank in (0, 1)] == [None, None]
 
 
 class Payload:
