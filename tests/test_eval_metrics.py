@@ -7,6 +7,8 @@ test_eval.py), so every number here is known by hand. Run: pytest tests/test_eva
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,10 @@ import torch
 from omegaconf import OmegaConf
 
 import opo_cli.evaluate as E
+from opo_cli import distributed
 from opo_cli.config import validate_eval
 from opo_cli.data import Problem, dataset_problems, stratified_sample
+from opo_cli.distributed import SINGLE, Dist
 from opo_cli.errors import UserError
 from tests.conftest import compose_config
 
@@ -168,12 +172,13 @@ class ScriptedModel(torch.nn.Module):
 @pytest.fixture
 def scripted(monkeypatch):
     """Replaces generation: answers right on problems whose first operand is even, with the
-    prompt's length as the token count and truncation on odd lengths; records each call."""
+    prompt's length as the token count and truncation on odd lengths; records each call
+    (prompts, n, max_new_tokens, tokenizer, backend, the RNG's seed)."""
     calls = []
 
     def fake(model, tok, prompts, *, n, max_new_tokens, temperature, top_p, backend=None):
         assert not model.training  # generation runs in eval mode
-        calls.append((list(prompts), n, max_new_tokens, tok))
+        calls.append((list(prompts), n, max_new_tokens, tok, backend, torch.initial_seed()))
         texts, lengths, truncated = [], [], []
         for p in prompts:
             a, b = (int(v) for v in p.rstrip("=").split("+"))
@@ -401,7 +406,21 @@ class PlainTokenizer:
     chat_template = None  # a base model: the template is used as plain text
 
 
-def test_prompts_go_through_the_dataset_template_and_sampling_settings(monkeypatch):
+class ChatTokenizer:
+    chat_template = "{{ messages }}"  # an instruct model: the prompt is one user turn
+
+    def apply_chat_template(self, messages, *, tokenize, add_generation_prompt, enable_thinking):
+        assert not tokenize and add_generation_prompt and not enable_thinking
+        (turn,) = messages
+        return f"<|{turn['role']}|>{turn['content']}<|assistant|>"
+
+
+@pytest.mark.parametrize(
+    ("tok", "prompt"),
+    [(PlainTokenizer(), "Q: 2+3="), (ChatTokenizer(), "<|user|>Q: 2+3=<|assistant|>")],
+    ids=["base model", "chat model"],
+)
+def test_prompts_go_through_the_dataset_template_and_sampling_settings(monkeypatch, tok, prompt):
     calls = []
 
     def fake(model, tok, prompts, *, n, max_new_tokens, temperature, top_p, backend=None):
@@ -412,11 +431,10 @@ def test_prompts_go_through_the_dataset_template_and_sampling_settings(monkeypat
     cfg = arith_cfg("eval.n=2", "eval.temperature=0.7", "eval.top_p=0.8")
     dataset = OmegaConf.to_container(cfg.dataset) | {"template": "Q: {problem}"}
     dataset = OmegaConf.create(dataset)  # arith's config with a template of its own
-    tok = PlainTokenizer()
     out = E.evaluate_problems(
         ScriptedModel(), tok, [Problem("2+3=", "5")], dataset, validate_eval(cfg)
     )
-    assert calls == [(tok, ["Q: 2+3="], 0.7, 0.8)]
+    assert calls == [(tok, [prompt], 0.7, 0.8)]
     assert out[0].correct == [True, True]
 
 
@@ -431,3 +449,161 @@ def test_held_out_problems_are_the_same_seeded_sample_at_every_step(scripted):
         == sorted(second)
         == sorted(p.prompt for p in stratified_sample(problems, 5, 9))
     )
+
+
+def test_held_out_metrics_use_the_run_s_tokenizer_and_sampler_and_time_themselves(scripted):
+    cfg = compose_config("train", ["dataset=arith", "eval.limit=4"])
+    problems = dataset_problems(cfg.dataset)
+    tok, backend, told = object(), object(), []  # the run's tokenizer and sampler
+
+    def on_graded(graded):  # the completion logs; their time counts in perf/eval_s
+        told.append(graded)
+        time.sleep(0.05)
+
+    start = time.perf_counter()
+    metrics = E.held_out_metrics(
+        ScriptedModel(), tok, problems, cfg.dataset, validate_eval(cfg), backend, on_graded
+    )
+    elapsed = time.perf_counter() - start
+    assert scripted and all(call[3] is tok and call[4] is backend for call in scripted)
+    (graded,) = told
+    assert [g.problem for g in graded] == stratified_sample(problems, 4, cfg.dataset.split_seed)
+    assert metrics["eval/accuracy"] == sum(g.correct[0] for g in graded) / 4
+    assert 0.05 <= metrics["perf/eval_s"] <= elapsed
+
+
+def test_held_out_metrics_of_sampled_settings_are_the_mean_pass_at_1(scripted):
+    # opo eval's block (n = 2, ks [1, 2]) rather than training's greedy one: pass@k and
+    # maj@k are computed on the way (with the dataset's voting) and the accuracy is c / n
+    cfg = arith_cfg("eval.n=2", "eval.limit=6")
+    told = []
+    metrics = E.held_out_metrics(
+        ScriptedModel(), None, dataset_problems(cfg.dataset), cfg.dataset, validate_eval(cfg),
+        on_graded=told.append,
+    )  # fmt: skip
+    (graded,) = told
+    even = [int(g.problem.prompt.split("+")[0]) % 2 == 0 for g in graded]
+    assert 0 < sum(even) < 6  # a wrong answer to vote on, and a right one
+    assert [g.correct for g in graded] == [[e, True] for e in even]  # the second is right
+    assert metrics["eval/accuracy"] == pytest.approx((sum(even) + 6) / 12)
+
+
+def test_the_backend_given_samples_every_batch(scripted):
+    backend = object()  # the run's sampler (vLLM, opo's engine): only passed along
+    cfg = arith_cfg("eval.batch_size=2")
+    problems = [Problem(f"{a}+1=", str(a + 1)) for a in range(3)]
+    s = validate_eval(cfg)
+    E.evaluate_problems(ScriptedModel(), None, problems, cfg.dataset, s, backend=backend)
+    assert len(scripted) == 2 and all(call[4] is backend for call in scripted)
+
+
+# ---------------------------------------------------------------- several ranks (no process group)
+
+GLOO_LOST = "[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer\nat ..."
+
+
+def peer_gone(*args):
+    raise RuntimeError(GLOO_LOST)
+
+
+def lost_line(timeout: str) -> str:
+    return "^" + re.escape(
+        "the process group broke: another rank stopped, or kept this one waiting past "
+        f"eval.dist_timeout_s={timeout} s ([../third_party/gloo/transport/tcp/pair.cc:534] "
+        "Connection closed by peer)"
+    ) + "$"  # fmt: skip
+
+
+def test_each_rank_grades_every_other_batch_and_together_they_grade_each_once(
+    scripted, monkeypatch
+):
+    # prompt lengths 7, 4, 8, 5, 6: by length, the batches of 2 are [1, 3], [4, 0], [2]
+    prompts = ["100+10=", "1+1=", "100+100=", "10+1=", "10+10="]
+    problems = [Problem(p, str(eval(p[:-1])), {}) for p in prompts]
+    cfg = arith_cfg("eval.batch_size=2", "eval.n=2")
+    s = validate_eval(cfg)
+    one = E.evaluate_problems(ScriptedModel(), None, problems, cfg.dataset, s, seed=3)
+    seed = 3 * 2**20  # batch_seed(3, 0): batch b samples with seed + b at any world size
+    batch = [(["1+1=", "10+1="], seed), (["10+10=", "100+10="], seed + 1), (["100+100="], seed + 2)]
+    assert [(call[0], call[5]) for call in scripted] == batch
+    share = {0: {1: one[1], 3: one[3], 2: one[2]}, 1: {4: one[4], 0: one[0]}}  # batches 0, 2 | 1
+    for rank, mine in ((0, [batch[0], batch[2]]), (1, [batch[1]])):
+        scripted.clear()
+        sent, seen = [], []
+
+        def gather(obj, rank=rank, sent=sent):  # all_gather_object, the other share known
+            if not isinstance(obj, dict):  # the agreement after each round: no failure
+                return [obj]
+            sent.append(obj)
+            return [obj if r == rank else share[r] for r in (0, 1)]
+
+        monkeypatch.setattr(distributed, "gather_objects", gather)
+        out = E.evaluate_problems(
+            ScriptedModel(), None, problems, cfg.dataset, s, seen.append, seed=3,
+            ranks=Dist(rank=rank, world_size=2),
+        )  # fmt: skip
+        assert [(call[0], call[5]) for call in scripted] == mine
+        assert sent == [share[rank]]
+        assert seen == [4, 1]  # each round's problems, both ranks': batches 0 and 1, then 2
+        assert out == one
+
+
+@pytest.mark.parametrize("ranks", [SINGLE, Dist(rank=1, world_size=2)], ids=["1 rank", "rank 1"])
+def test_an_error_while_grading_a_batch_ends_as_that_error(monkeypatch, ranks):
+    calls = []
+
+    def fake(model, tok, prompts, **kwargs):
+        calls.append(prompts)
+        raise ValueError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(E, "generate_completions", fake)
+    problems = [Problem(f"{a}+1=", str(a + 1)) for a in range(4)]
+    cfg = arith_cfg("eval.batch_size=1")
+    seen = []
+    with pytest.raises(ValueError, match=r"^CUDA out of memory"):
+        E.evaluate_problems(
+            ScriptedModel(), None, problems, cfg.dataset, validate_eval(cfg), seen.append,
+            ranks=ranks,
+        )  # fmt: skip
+    assert len(calls) == 1 and seen == []  # it stops at the failing batch's round
+
+
+@pytest.mark.parametrize("where", ["after a batch", "gathering the results"])
+def test_a_rank_lost_during_evaluation_is_one_line(scripted, monkeypatch, where):
+    if where == "after a batch":
+        monkeypatch.setattr(distributed, "agree", peer_gone)
+    else:  # the rounds agree, then the other rank is gone
+        gather = distributed.gather_objects
+
+        def lost(obj):
+            return peer_gone() if isinstance(obj, dict) else gather(obj)
+
+        monkeypatch.setattr(distributed, "gather_objects", lost)
+    cfg = arith_cfg("eval.dist_timeout_s=30")
+    problems = [Problem(f"{a}+1=", str(a + 1)) for a in range(3)]
+    with pytest.raises(UserError, match=lost_line("30")):
+        E.evaluate_problems(
+            ScriptedModel(), None, problems, cfg.dataset, validate_eval(cfg),
+            ranks=Dist(rank=0, world_size=2),
+        )  # fmt: skip
+
+
+def test_a_checkpoint_that_does_not_load_ends_as_the_loader_s_error(
+    model_folder, tmp_path, monkeypatch
+):
+    def load(path, **kwargs):
+        raise OSError(f"{path}/model.safetensors: incomplete metadata, file not fully covered")
+
+    monkeypatch.setattr(E, "load_policy", load)
+    with pytest.raises(OSError, match="incomplete metadata"):
+        E.evaluate(arith_cfg(f"checkpoint={model_folder}"), tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_rank_lost_while_the_model_loads_is_one_line(model_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "join_ranks", lambda s: (Dist(rank=0, world_size=2), None))
+    monkeypatch.setattr(E, "load_policy", lambda path, **kw: (ScriptedModel(), None))
+    monkeypatch.setattr(distributed, "agree", peer_gone)
+    cfg = arith_cfg(f"checkpoint={model_folder}", "eval.dist_timeout_s=45")
+    with pytest.raises(UserError, match=lost_line("45")):
+        E.evaluate(cfg, tmp_path / "eval")
