@@ -203,9 +203,9 @@ def release(device: torch.device) -> None:
 # ------------------------------------------------------------------ ours
 
 
-def our_config(args: argparse.Namespace):
-    """The real `opo train` config (OPO, tiny-model group) at the benchmark's shape."""
-    overrides = [
+def shape_overrides(args: argparse.Namespace) -> list[str]:
+    """OPO at the benchmark's shape: the overrides both of our sides start from."""
+    return [
         "method=opo",
         "logger=none",
         f"seed={args.seed}",
@@ -216,6 +216,13 @@ def our_config(args: argparse.Namespace):
         f"trainer.epochs={args.epochs}",
         f"trainer.mini_batches={args.mini_batches}",
         f"trainer.micro_batch_size={args.micro or 'null'}",
+    ]
+
+
+def our_config(args: argparse.Namespace):
+    """The real `opo train` config (OPO, tiny-model group) at the benchmark's shape."""
+    overrides = [
+        *shape_overrides(args),
         f"model.gradient_checkpointing={args.gradient_checkpointing}",
         *args.ours,
     ]
@@ -387,18 +394,9 @@ def train_command(args, nproc: int, run_dir: Path) -> list[str]:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         launcher += [f"--log-dir={run_dir.parent / 'logs'}", "--redirects=3", "--tee=3"]
     overrides = [
-        "method=opo",
-        "logger=none",
-        f"seed={args.seed}",
-        f"trainer.lr={args.lr}",
+        *shape_overrides(args),
         f"trainer.steps={args.steps + 1}",
         "trainer.save_every=0",  # only final/: checkpoints are not the step
-        f"rollout.prompts_per_step={args.prompts}",
-        f"rollout.group_size={args.group}",
-        f"rollout.max_new_tokens={args.new_tokens}",
-        f"trainer.epochs={args.epochs}",
-        f"trainer.mini_batches={args.mini_batches}",
-        f"trainer.micro_batch_size={args.micro or 'null'}",
         f"trainer.device={args.device}",
         *args.ours,
         f"hydra.run.dir={run_dir}",
