@@ -6,6 +6,7 @@ test_eval.py), so every number here is known by hand. Run: pytest tests/test_eva
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -607,3 +608,63 @@ def test_a_rank_lost_while_the_model_loads_is_one_line(model_folder, tmp_path, m
     cfg = arith_cfg(f"checkpoint={model_folder}", "eval.dist_timeout_s=45")
     with pytest.raises(UserError, match=lost_line("45")):
         E.evaluate(cfg, tmp_path / "eval")
+
+
+# ---------------------------------------------------------------- what a dataset votes with
+
+
+@pytest.mark.parametrize(
+    "dataset, kind", [("math", "math"), ("gsm8k", "gsm8k"), ("arith", "exact_match")]
+)
+def test_maj_at_k_groups_answers_by_the_datasets_grader(dataset, kind):
+    # MATH's votes read the last \boxed{} and join equivalent forms (1/2 and 0.5); GSM8K's
+    # read the final number; arith's compare the stripped text
+    assert E.voting(compose_config("eval", [f"dataset={dataset}"]).dataset) is E.VOTING[kind]
+    votes = E.VOTING[kind]
+    if kind == "math":
+        assert votes.extract("so \\boxed{2} then \\boxed{\\frac12}") == "\\frac12"
+        assert votes.same([("\\frac12", "0.5")]) == [True]
+    elif kind == "gsm8k":
+        assert votes.extract("It costs $1,200.00 in all.") == "1200"
+    else:
+        assert votes.extract("  13 ") == "13" and votes.extract("   ") is None
+
+
+def test_a_reward_of_ones_own_without_correctness_votes_by_exact_text(tmp_path, monkeypatch):
+    # a user's reward says how good an answer is, not which answers are the same one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.py").write_text(
+        "def score(responses, answers):\n    return [0.5] * len(responses)\n"
+    )
+    cfg = compose_config("eval", ["dataset=arith", "dataset.reward=mine.py:score"])
+    assert E.voting(cfg.dataset) is E.VOTING["exact_match"]
+
+
+def test_vllm_under_torchrun_is_refused_before_anything_loads(tmp_path):
+    cfg = compose_config("eval", ["dataset=arith"])
+    s = dataclasses.replace(validate_eval(cfg), backend="vllm")  # as if vllm were installed
+    no_model = [str(tmp_path / "none")]  # nothing loads: the refusal comes first
+    refused = r"vllm under torchrun \(2 processes\) is not built: run opo eval with vllm as one"
+    with pytest.raises(UserError, match=refused):
+        E.load_for_eval(cfg, s, no_model, torch.device("cpu"), Dist(rank=1, world_size=2))
+    with pytest.raises(UserError, match="none"):  # one process: on to loading, which fails
+        E.load_for_eval(cfg, s, no_model, torch.device("cpu"), SINGLE)
+
+
+def test_the_sampler_gets_the_loaded_model_and_the_eval_settings(monkeypatch):
+    # what `opo eval` hands its sampler: the folder that loaded, its dtype and device, the
+    # sampling settings; no shared prefill (one sample per prompt when greedy)
+    cfg = compose_config("eval", ["dataset=arith", "eval.limit=4", "eval.temperature=0.7"])
+    s = dataclasses.replace(validate_eval(cfg), top_p=0.9, dtype="bfloat16")
+    monkeypatch.setattr(E, "load_first_readable", lambda c, d, t, trust: (c[1], "M", "T"))
+    opened = []
+    monkeypatch.setattr(E, "open_backend", lambda name, o: opened.append((name, o)) or "B")
+    out = E.load_for_eval(cfg, s, ["a", "b"], torch.device("cpu"), SINGLE)
+    problems, size, path, model, tok, backend = out
+    assert (len(problems), path, model, tok, backend) == (4, "b", "M", "T", "B")
+    assert size == len(dataset_problems(cfg.dataset))
+    ((name, o),) = opened
+    assert name == s.backend
+    assert (o.model_path, o.dtype, o.device) == ("b", torch.bfloat16, torch.device("cpu"))
+    assert (o.trust_remote_code, o.share_prefill) == (False, False)
+    assert (o.temperature, o.top_p, o.vllm) == (0.7, 0.9, s.vllm)
