@@ -183,7 +183,7 @@ def active() -> bool:
 
 def _device() -> torch.device:
     """Where a small collective tensor lives: NCCL works on CUDA tensors only."""
-    if dist.get_backend() == "nccl":
+    if active() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -209,15 +209,6 @@ def any_true(flag: bool) -> bool:
     return not all_ok(not flag)
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank `src`'s object on every rank."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def gather_objects(obj) -> list:
     """Every rank's object, in rank order, on every rank."""
     if not active():
@@ -234,28 +225,30 @@ def barrier() -> None:
 
 def global_mean(total: float, count: float) -> float:
     """sum(total) / sum(count) over ranks (count floored at 1): a mean over every rank's items."""
-    t = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=_reduce_device()))
+    t = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=_device()))
     return (t[0] / t[1].clamp(min=1.0)).item()
 
 
-def _reduce_device() -> torch.device:
-    return _device() if active() else torch.device("cpu")
-
-
-def cat_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every rank's rows of `t` ((n_r,) or (n_r, w_r)), in rank order, and where this rank's
-    rows start. Rows are counted and, for 2-D tensors, right-padded with zeros to the widest
-    rank's width; unchanged (and 0) at world size 1."""
+def cat_rows(*ts: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Every rank's rows of each of `ts` (one row count n_r on this rank; each (n_r,) or
+    (n_r, w)), in rank order, and where this rank's rows start. Rows are counted and, for 2-D
+    tensors, right-padded with zeros to the widest rank's width; one exchange of shapes serves
+    every tensor. Unchanged (and 0) at world size 1."""
     if not active():
-        return t, 0
-    shapes = gather_objects(tuple(t.shape))
+        return list(ts), 0
+    shapes = gather_objects([tuple(t.shape) for t in ts])  # [rank][tensor]
+    start = sum(s[0][0] for s in shapes[: dist.get_rank()])
+    return [_all_rows(t, [s[i] for s in shapes]) for i, t in enumerate(ts)], start
+
+
+def _all_rows(t: torch.Tensor, shapes: list[tuple[int, ...]]) -> torch.Tensor:
+    """`t`'s rows from every rank, whose shapes are `shapes`, in rank order."""
     rows = max(s[0] for s in shapes)
     pad = [0, max(s[1] for s in shapes) - t.shape[1]] if t.dim() == 2 else []
     full = torch.nn.functional.pad(t, [*pad, 0, rows - t.shape[0]])  # (rows, W) or (rows,)
     parts = [torch.empty_like(full) for _ in shapes]
     dist.all_gather(parts, full.contiguous())
-    start = sum(s[0] for s in shapes[: dist.get_rank()])
-    return torch.cat([p[: s[0]] for p, s in zip(parts, shapes, strict=True)]), start
+    return torch.cat([p[: s[0]] for p, s in zip(parts, shapes, strict=True)])
 
 
 def _failures(error: BaseException | None) -> list[tuple[int, type, str]]:

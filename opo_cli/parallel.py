@@ -152,10 +152,11 @@ class GlobalBatch:
 
     @classmethod
     def gather(cls, old, ref, mask, rewards, group_size: int) -> GlobalBatch:
-        old_all, start = distributed.cat_rows(old)
-        ref_all = None if ref is None else distributed.cat_rows(ref)[0]
-        mask_all = distributed.cat_rows(mask)[0]
-        rewards_all = distributed.cat_rows(rewards)[0]
+        refs = [] if ref is None else [ref]
+        (old_all, mask_all, rewards_all, *ref_all), start = distributed.cat_rows(
+            old, mask, rewards, *refs
+        )
+        ref_all = ref_all[0] if ref_all else None
         count, width = old.shape
         return cls(old_all, ref_all, mask_all, rewards_all, group_size, start, count, width)
 
@@ -170,7 +171,7 @@ class GlobalBatch:
 
     def everyone(self, local: Tensor) -> Tensor:
         """Every rank's `local` rows ((count, width) each), concatenated: (N, W)."""
-        return distributed.cat_rows(local)[0]
+        return distributed.cat_rows(local)[0][0]
 
     def mine(self, full: Tensor) -> Tensor:
         """This rank's rows of an (N, W) tensor: (count, width)."""

@@ -236,9 +236,9 @@ def dynamic_sample(
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     """Reward, length and truncation of the completions in `rollout`, on several processes
     of every rank's completions."""
-    r = cat_rows(rollout.rewards)[0]  # (N,) every rank's
-    lengths = cat_rows(rollout.completion_mask.sum(-1))[0]  # (N,)
-    truncated = cat_rows(rollout.truncated.float())[0]  # (N,)
+    (r, lengths, truncated), _ = cat_rows(  # (N,) each, every rank's
+        rollout.rewards, rollout.completion_mask.sum(-1), rollout.truncated.float()
+    )
     parts = [p for rank in gather_objects(rollout.reward_parts or []) for p in rank]
     return {
         "train/reward_mean": r.mean().item(),
@@ -368,7 +368,7 @@ def sample_batch(
         batch = drawn = draw(prompts)
         stats = {"train/dropped_groups": 0.0, "train/extra_rounds": 0.0}
     shaped = shape_overlong(batch, max_len=r.max_new_tokens, buffer=r.overlong_buffer)
-    penalty = cat_rows(shaped.rewards - batch.rewards)[0]  # (N,) every rank's
+    penalty = cat_rows(shaped.rewards - batch.rewards)[0][0]  # (N,) every rank's
     stats["train/overlong_penalty_mean"] = penalty.mean().item()
     if r.mask_truncated:
         shaped = mask_truncated(shaped)
