@@ -97,10 +97,13 @@ def check_group_overrides(args: list[str]) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)
 def train_app(cfg: DictConfig) -> None:
+    from opo_cli.distributed import PeerFailed
     from opo_cli.train import train
 
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except PeerFailed:  # another rank failed and printed why
+        sys.exit(1)
     except UserError as e:
         fail(str(e))
     except Interrupted as e:

@@ -360,14 +360,16 @@ def held_out_metrics(
     s: EvalSettings,
     backend: Backend | None = None,
     on_graded: Callable[[list[Graded]], None] | None = None,
+    ranks: Dist = SINGLE,
 ) -> dict[str, float]:
     """Greedy `eval/accuracy` and `eval/response_len_mean` on `s.limit` of the held-out
     problems (a stratified sample drawn with `dataset.split_seed`, the same at every step),
     sampled by `backend` (the run's sampler; None: HF `generate`); `on_graded` is given the
-    graded answers (the completion logs take a few)."""
+    graded answers (the completion logs take a few). Under torchrun the `ranks` share the
+    batches, and every rank gets every answer (`evaluate_problems`)."""
     t0 = time.perf_counter()
     chosen = stratified_sample(problems, s.limit, dataset_cfg.split_seed)
-    graded = evaluate_problems(model, tok, chosen, dataset_cfg, s, backend=backend)
+    graded = evaluate_problems(model, tok, chosen, dataset_cfg, s, backend=backend, ranks=ranks)
     if on_graded is not None:
         on_graded(graded)
     summary = summarise(graded, s.ks, voting(dataset_cfg))

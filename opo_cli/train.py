@@ -622,7 +622,7 @@ def train_run(cfg, run_dir: Path, s: TrainSettings, ev, rank_device) -> dict:
             for step in range(state.step + 1, s.trainer.steps + 1):
                 rollout, row = guarded_step(run_dir, state, problems, reward_fn, s, cfg, step)
                 if ev.every and step % ev.every == 0:
-                    with full_weights(policy.model):  # every rank evaluates the same problems
+                    with full_weights(policy.model):  # the ranks share the problems
                         row |= held_out_metrics(
                             policy.model,
                             policy.tok,
@@ -631,6 +631,7 @@ def train_run(cfg, run_dir: Path, s: TrainSettings, ev, rank_device) -> dict:
                             ev,
                             backend=policy.backend,
                             on_graded=tracker.eval_answers,
+                            ranks=distributed.from_env(),
                         )
                 tracker.log(step, row, rollout)
                 state.step = step
